@@ -1,0 +1,148 @@
+"""Pure aggregation math of asynchronous FL (arrays in, arrays out, no I/O).
+
+A model is a ``Params`` mapping from array name to ``np.ndarray``. Floating-point
+arrays are merged; integer arrays (e.g. batch norm's ``num_batches_tracked``) are
+merged in float64 and rounded back, so every array keeps its dtype.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+Params = dict[str, np.ndarray]
+
+
+def staleness(current_version: int, base_version: int) -> int:
+    """Staleness ``tau`` of an update: global versions merged since its base."""
+    if base_version > current_version:
+        raise ValueError(
+            f"base version {base_version} is newer than the current version "
+            f"{current_version}"
+        )
+    return current_version - base_version
+
+
+def mix_immediate(
+    current: Params, update: Mapping[str, np.ndarray], rate: float
+) -> None:
+    """FedAsync merge, in place: ``x <- (1 - c) x + c x_i`` with ``c = a s(tau)``.
+
+    Floating-point arrays are updated with one fused pass (``torch.lerp_``) on
+    zero-copy views; ``current`` must own writable arrays.
+
+    Parameters
+    ----------
+    current : Params
+        Global model, modified in place.
+    update : Mapping[str, np.ndarray]
+        The client's model ``x_i`` (same names, shapes and dtypes).
+    rate : float
+        Mixing weight ``c`` in ``[0, 1]``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"mixing rate must be in [0, 1], got {rate}")
+    for name, x in current.items():
+        x_i = update[name]
+        if np.issubdtype(x.dtype, np.floating):
+            torch.from_numpy(x).lerp_(torch.from_numpy(np.asarray(x_i)), rate)
+        else:
+            mixed = (1.0 - rate) * x.astype(np.float64) + rate * x_i
+            x[...] = np.rint(mixed).astype(x.dtype)
+
+
+def buffered_update(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[Mapping[str, np.ndarray]],
+    bases: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    server_lr: float = 1.0,
+) -> Params:
+    """FedBuff-style merge of K buffered updates (the paper's weighted average).
+
+    ``x <- x + eta_g * sum_i w_i (x_i - b_i) / sum_i w_i`` where ``b_i`` is the
+    global model client ``i`` started from and ``w_i = n_i s(tau_i)``.
+
+    When every ``b_i`` *is* ``current`` (zero staleness) and ``eta_g = 1`` this is
+    exactly FedAvg's weighted average ``sum_i w_i x_i / sum_i w_i``, computed in
+    the same order as Flower's ``aggregate_arrayrecords``.
+
+    Parameters
+    ----------
+    current : Mapping[str, np.ndarray]
+        Global model ``x`` now (not modified).
+    updates : Sequence[Mapping[str, np.ndarray]]
+        Client models ``x_i``.
+    bases : Sequence[Mapping[str, np.ndarray]]
+        Global model each client started from; pass the same object for updates
+        that share a base (it is then subtracted once, with the summed weight).
+    weights : Sequence[float]
+        Non-negative weights ``w_i`` with a positive sum.
+    server_lr : float (default: 1.0)
+        Server learning rate ``eta_g > 0``.
+
+    Returns
+    -------
+    Params
+        The new global model (fresh arrays).
+    """
+    if not len(updates) == len(bases) == len(weights) > 0:
+        raise ValueError(
+            f"need as many updates ({len(updates)}), bases ({len(bases)}) and "
+            f"weights ({len(weights)}), at least one"
+        )
+    total = float(sum(weights))
+    if total <= 0 or min(weights) < 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+    factors = [w / total for w in weights]
+    average = _weighted_sum(updates, factors)
+    if server_lr == 1.0 and all(base is current for base in bases):
+        return _cast_like(average, current)
+
+    # Group the base term by base object: sum_v (sum_{i: b_i = v} f_i) b_v.
+    base_factor: dict[int, float] = {}
+    base_by_id: dict[int, Mapping[str, np.ndarray]] = {}
+    for base, factor in zip(bases, factors, strict=True):
+        base_factor[id(base)] = base_factor.get(id(base), 0.0) + factor
+        base_by_id[id(base)] = base
+    base_term = _weighted_sum(
+        [base_by_id[key] for key in base_factor], list(base_factor.values())
+    )
+    new: Params = {}
+    for name, x in current.items():
+        delta = average[name]
+        delta -= base_term[name]
+        if np.issubdtype(x.dtype, np.floating):
+            delta *= server_lr
+            delta += x
+            new[name] = delta
+        else:
+            new[name] = np.rint(x + server_lr * delta).astype(x.dtype)
+    return new
+
+
+def _weighted_sum(
+    arrays: Sequence[Mapping[str, np.ndarray]], factors: Sequence[float]
+) -> Params:
+    """``sum_i f_i a_i`` per name, accumulated in order (float arrays keep dtype)."""
+    out: Params = {}
+    for params, factor in zip(arrays, factors, strict=True):
+        for name, value in params.items():
+            value = np.asarray(value)
+            if not np.issubdtype(value.dtype, np.floating):
+                value = value.astype(np.float64)
+            if name not in out:
+                out[name] = value * factor
+            else:
+                out[name] += value * factor
+    return out
+
+
+def _cast_like(params: Params, like: Mapping[str, np.ndarray]) -> Params:
+    """Cast integer arrays back to their original dtype (rounding)."""
+    return {
+        name: value
+        if np.issubdtype(like[name].dtype, np.floating)
+        else np.rint(value).astype(like[name].dtype)
+        for name, value in params.items()
+    }

@@ -1,0 +1,222 @@
+"""Heterogeneous client profiles and the simulated clock.
+
+Each node has a compute-speed factor (1 = fastest; a factor of 10 takes ten times as
+long for the same work) and a network delay drawn uniformly from
+``[0, max-delay-s]`` per task, as in the paper's code. In simulation both come from
+the run config, seeded per partition; a deployed SuperNode may declare its own in
+``--node-config``.
+
+The :class:`VirtualClock` gives every dispatched task a simulated duration
+``planned steps x step-time-s x speed factor + delay``, so the asynchronous
+strategy can merge replies in simulated-finish order: the same seed then gives
+the same run however fast the host is and however Ray schedules the clients.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from afl_flwr.constants import (
+    MAX_DELAY_S,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PROFILE_KEY,
+    QUERY_PROFILE,
+    SPEED_FACTOR,
+)
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """How fast a node computes and how long its network takes.
+
+    Parameters
+    ----------
+    partition_id : int
+        The node's data partition (its stable client id); -1 when unknown.
+    num_examples : int
+        Local training examples.
+    speed_factor : float
+        Compute slowdown relative to the fastest node (``>= 1``).
+    max_delay_s : float
+        Upper bound of the per-task network delay, drawn from ``U(0, max)``.
+    """
+
+    partition_id: int
+    num_examples: int
+    speed_factor: float = 1.0
+    max_delay_s: float = 0.0
+
+    def to_record(self) -> ConfigRecord:
+        """Serialise for a ``query.profile`` reply."""
+        return ConfigRecord(
+            {
+                PARTITION_ID: self.partition_id,
+                NUM_EXAMPLES: self.num_examples,
+                SPEED_FACTOR: self.speed_factor,
+                MAX_DELAY_S: self.max_delay_s,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> "NodeProfile":
+        """Parse a ``query.profile`` reply."""
+        return cls(
+            partition_id=int(record[PARTITION_ID]),  # type: ignore[call-overload]
+            num_examples=int(record[NUM_EXAMPLES]),  # type: ignore[call-overload]
+            speed_factor=float(record[SPEED_FACTOR]),  # type: ignore[arg-type]
+            max_delay_s=float(record[MAX_DELAY_S]),  # type: ignore[arg-type]
+        )
+
+
+def speed_factors(
+    num_clients: int,
+    *,
+    spread: float,
+    straggler_fraction: float = 0.0,
+    straggler_slowdown: float = 10.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Per-partition speed factors: log-uniform over ``[1, spread]``, then stragglers.
+
+    Each partition's factor is drawn from its own generator seeded by
+    ``(seed, partition)``, so a client's speed does not depend on ``num_clients``.
+    ``round(straggler_fraction * num_clients)`` partitions, chosen by a seeded
+    permutation, are additionally ``straggler_slowdown`` times slower.
+    """
+    factors = np.array(
+        [
+            math.exp(np.random.default_rng([seed, 1, pid]).uniform(0, math.log(spread)))
+            for pid in range(num_clients)
+        ]
+    )
+    num_stragglers = round(straggler_fraction * num_clients)
+    stragglers = np.random.default_rng([seed, 2]).permutation(num_clients)[
+        :num_stragglers
+    ]
+    factors[stragglers] *= straggler_slowdown
+    return factors
+
+
+def planned_steps(num_examples: int, local_epochs: int, batch_size: int) -> int:
+    """Optimizer steps of a full local job (early stopping may do fewer)."""
+    return local_epochs * max(1, math.ceil(num_examples / batch_size))
+
+
+def network_delay(profile: NodeProfile, task_index: int, seed: int) -> float:
+    """Seeded delay draw ``U(0, max_delay_s)`` for a node's ``task_index``-th task."""
+    if profile.max_delay_s <= 0:
+        return 0.0
+    rng = np.random.default_rng([seed, 3, profile.partition_id + 1, task_index])
+    return float(rng.uniform(0.0, profile.max_delay_s))
+
+
+def task_duration(
+    profile: NodeProfile,
+    task_index: int,
+    *,
+    local_epochs: int,
+    batch_size: int,
+    step_time_s: float,
+    seed: int,
+) -> float:
+    """Simulated seconds of one task: compute x speed factor + network delay."""
+    steps = planned_steps(profile.num_examples, local_epochs, batch_size)
+    compute = steps * step_time_s * profile.speed_factor
+    return compute + network_delay(profile, task_index, seed)
+
+
+class VirtualClock:
+    """Simulated durations for tasks, from node profiles asked once per node.
+
+    Parameters
+    ----------
+    local_epochs : int
+        Planned local epochs per task.
+    batch_size : int
+        Local batch size (steps per epoch = ceil(examples / batch)).
+    step_time_s : float
+        Simulated seconds of one optimizer step on the fastest node.
+    seed : int (default: 0)
+        Seed of the delay draws.
+    query_timeout : float (default: 120.0)
+        Seconds to wait for nodes to answer the profile query.
+    """
+
+    def __init__(
+        self,
+        *,
+        local_epochs: int,
+        batch_size: int,
+        step_time_s: float,
+        seed: int = 0,
+        query_timeout: float = 120.0,
+    ) -> None:
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.step_time_s = step_time_s
+        self.seed = seed
+        self.query_timeout = query_timeout
+        self.profiles: dict[int, NodeProfile] = {}
+        self._tasks: dict[int, int] = {}
+
+    def register(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Ask nodes without a known profile for it (``query.profile`` messages).
+
+        A node that does not answer (e.g. a ClientApp without the query handler)
+        gets a default profile: speed 1, no delay, one batch per epoch.
+        """
+        unknown = sorted(n for n in node_ids if n not in self.profiles)
+        if not unknown:
+            return
+        messages = [
+            Message(RecordDict(), dst_node_id=node, message_type=QUERY_PROFILE)
+            for node in unknown
+        ]
+        replies = grid.send_and_receive(messages, timeout=self.query_timeout)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error() or PROFILE_KEY not in reply.content.config_records:
+                continue
+            self.profiles[node] = NodeProfile.from_record(
+                reply.content.config_records[PROFILE_KEY]
+            )
+        for node in unknown:
+            if node not in self.profiles:
+                log(
+                    WARNING, "Node %s sent no profile; assuming speed 1, no delay", node
+                )
+                self.profiles[node] = NodeProfile(-1, self.batch_size)
+        log(INFO, "Profiles of %d node(s) registered", len(unknown))
+
+    def sort_key(self, node_id: int) -> tuple[int, int]:
+        """Stable ordering of nodes across runs (partition id, then node id)."""
+        profile = self.profiles.get(node_id)
+        return (profile.partition_id if profile else 1 << 62, node_id)
+
+    def label(self, node_id: int) -> int:
+        """Human-facing client id: the partition id when known, else the node id."""
+        profile = self.profiles.get(node_id)
+        return (
+            profile.partition_id if profile and profile.partition_id >= 0 else node_id
+        )
+
+    def next_duration(self, node_id: int) -> float:
+        """Simulated duration of the next task sent to ``node_id``."""
+        index = self._tasks.get(node_id, 0)
+        self._tasks[node_id] = index + 1
+        profile = self.profiles.get(node_id) or NodeProfile(-1, self.batch_size)
+        return task_duration(
+            profile,
+            index,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            step_time_s=self.step_time_s,
+            seed=self.seed,
+        )

@@ -1,0 +1,33 @@
+"""Keys shared by the ServerApp, the ClientApp and the strategy, each defined once.
+
+Message keys travel inside ``ConfigRecord`` / ``MetricRecord`` objects; all are
+kebab-case, as Flower's own (``num-examples``, ``server-round``).
+"""
+
+# Record names inside a Message's RecordDict (Flower's FedAvg defaults).
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+PROFILE_KEY = "profile"
+
+# Train/evaluate config sent to clients.
+SERVER_ROUND = "server-round"
+BASE_VERSION = "base-version"
+CLIENT_DELAY = "delay"
+LOCAL_EPOCHS = "local-epochs"
+TASK_SEED = "task-seed"
+
+# Metrics replied by clients.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPOCHS_RUN = "epochs-run"
+STEPS = "steps"
+EVAL_LOSS = "eval-loss"
+EVAL_ACC = "eval-acc"
+
+# Node profile (answer to a ``query.profile`` message).
+QUERY_PROFILE = "query.profile"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+SPEED_FACTOR = "speed-factor"
+MAX_DELAY_S = "max-delay-s"

@@ -1,0 +1,165 @@
+"""Validation of training replies, shared by the strategy's async and sync paths.
+
+A reply is merged only if it carries exactly one ArrayRecord whose arrays match
+the global model by name, shape and dtype, holds only finite values, and reports a
+positive example count. Anything else is rejected with a one-line reason.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+
+from afl_flwr.aggregation import Params
+
+
+class RejectedReply(ValueError):
+    """A reply that must not be merged; the message says why."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Expected shape and dtype of one named array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """The parts of a valid training reply the strategy needs."""
+
+    params: Params
+    num_examples: float
+    metrics: MetricRecord
+
+
+def model_spec(params: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
+    """Name -> (shape, dtype) of a model, the reference replies are checked against."""
+    return {k: ArraySpec(tuple(v.shape), np.dtype(v.dtype)) for k, v in params.items()}
+
+
+def array_view(array: Array) -> np.ndarray:
+    """Zero-copy, read-only NumPy view of an ``Array``'s ``.npy`` payload.
+
+    Flower's ``Array.numpy()`` copies through ``np.load``; the server reads every
+    reply once, so it maps the bytes instead (falls back for Fortran order).
+    """
+    data = array.data
+    stream = BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran_order, dtype = read_header(stream)
+    if fortran_order or dtype.hasobject:
+        return array.numpy()
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(
+        shape
+    )
+
+
+def arrayrecord_to_params(record: ArrayRecord, *, writable: bool = False) -> Params:
+    """Convert an ``ArrayRecord`` to ``Params`` (views, or copies if ``writable``)."""
+    views = {name: array_view(array) for name, array in record.items()}
+    if writable:
+        return {name: np.array(view) for name, view in views.items()}
+    return views
+
+
+def params_to_arrayrecord(params: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Convert ``Params`` to an ``ArrayRecord`` (keeps the order of names)."""
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(v)) for name, v in params.items()}
+    )
+
+
+def parse_train_reply(
+    message: Message,
+    spec: Mapping[str, ArraySpec],
+    weighted_by_key: str = "num-examples",
+    max_bytes: int | None = None,
+) -> TrainReply:
+    """Validate a training reply and return its arrays, weight and metrics.
+
+    Parameters
+    ----------
+    message : Message
+        The reply.
+    spec : Mapping[str, ArraySpec]
+        Expected names, shapes and dtypes (see :func:`model_spec`).
+    weighted_by_key : str (default: "num-examples")
+        Metric holding the client's example count.
+    max_bytes : int, optional
+        Reject replies whose arrays exceed this many bytes.
+
+    Raises
+    ------
+    RejectedReply
+        With the reason, when the reply must not be merged.
+    """
+    if message.has_error():
+        raise RejectedReply(
+            f"error reply (code {message.error.code}): {message.error.reason}"
+        )
+    content = message.content
+    if len(content.array_records) != 1:
+        raise RejectedReply(
+            f"expected exactly one ArrayRecord, got {len(content.array_records)}"
+        )
+    record = next(iter(content.array_records.values()))
+    if set(record) != set(spec):
+        missing = sorted(set(spec) - set(record))
+        extra = sorted(set(record) - set(spec))
+        raise RejectedReply(
+            f"array names differ: missing {missing}, unexpected {extra}"
+        )
+    if max_bytes is not None:
+        size = sum(len(a.data) for a in record.values())
+        if size > max_bytes:
+            raise RejectedReply(f"reply arrays are {size} bytes, limit {max_bytes}")
+    params: Params = {}
+    for name, expected in spec.items():
+        array = record[name]
+        if (
+            tuple(array.shape) != expected.shape
+            or np.dtype(array.dtype) != expected.dtype
+        ):
+            raise RejectedReply(
+                f"array '{name}' is {array.dtype}{list(array.shape)}, expected "
+                f"{expected.dtype}{list(expected.shape)}"
+            )
+        try:
+            view = array_view(array)
+        except (ValueError, TypeError) as err:
+            raise RejectedReply(f"array '{name}' cannot be decoded: {err}") from err
+        if view.shape != expected.shape or view.dtype != expected.dtype:
+            raise RejectedReply(f"array '{name}' payload does not match its header")
+        if np.issubdtype(view.dtype, np.floating) and not _all_finite(view):
+            raise RejectedReply(f"array '{name}' holds NaN or Inf")
+        params[name] = view
+    if len(content.metric_records) != 1:
+        raise RejectedReply(
+            f"expected exactly one MetricRecord, got {len(content.metric_records)}"
+        )
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(weighted_by_key)
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise RejectedReply(f"metric '{weighted_by_key}' missing or not a number")
+    if not np.isfinite(weight) or weight <= 0:
+        raise RejectedReply(f"metric '{weighted_by_key}'={weight} must be > 0")
+    return TrainReply(params=params, num_examples=float(weight), metrics=metrics)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """True when no element is NaN/Inf; one read pass in the common case."""
+    # A finite float64 sum of float32/16 values proves all are finite; only when
+    # it is not (NaN/Inf present, or a float64 overflow) check element-wise.
+    if np.isfinite(np.sum(x, dtype=np.float64)):
+        return True
+    return bool(np.isfinite(x).all())

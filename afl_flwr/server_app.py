@@ -1,0 +1,180 @@
+"""ServerApp: run the async strategy or Flower's FedAvg and write the results.
+
+Builds the model and initial weights, evaluates the global model centrally on
+the held-out test set, and writes the results folder (:mod:`afl_flwr.results`).
+"""
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+from torch.utils.data import DataLoader, TensorDataset
+
+from afl_flwr.client_app import build_model
+from afl_flwr.clock import VirtualClock
+from afl_flwr.config import AppConfig
+from afl_flwr.data import load_central_testset
+from afl_flwr.history import RunHistory
+from afl_flwr.results import TEST_ACC, TEST_LOSS, new_run_dir, write_results
+from afl_flwr.strategy import StalenessAwareAsyncStrategy
+from afl_flwr.sync_baseline import ClockedFedAvg
+from afl_flwr.training import evaluate, get_device
+
+NODE_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a run produced."""
+
+    result: Result
+    history: RunHistory
+    results_path: Path
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """Build the ServerApp; ``overrides`` take precedence over the run config.
+
+    ``flwr run`` passes the run config in the Context; ``overrides`` serve callers
+    of ``flwr.simulation.run_simulation``, whose Context carries an empty one.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        cfg = AppConfig.from_run_config({**context.run_config, **(overrides or {})})
+        run(grid, cfg)
+
+    return server_app
+
+
+def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
+    """Run one experiment (async or sync) on ``grid`` and write its results."""
+    random.seed(cfg.seed)  # Flower's FedAvg samples nodes with `random`
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    # Load the test set first: a bad data-dir fails here, before any training.
+    testset = load_central_testset(cfg.dataset, cfg.data_dir, cfg.num_test)
+    model = build_model(cfg)
+    initial = ArrayRecord(model.state_dict())
+    evaluate_fn = central_evaluation(cfg, testset)
+    wait_for_nodes(grid, cfg.num_clients)
+    clock = (
+        VirtualClock(
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            step_time_s=cfg.step_time_s,
+            seed=cfg.seed,
+        )
+        if cfg.clock == "virtual"
+        else None
+    )
+    log(INFO, "Mode %s, model %s, dataset %s", cfg.mode, cfg.model, cfg.dataset)
+    strategy: StalenessAwareAsyncStrategy | ClockedFedAvg
+    if cfg.mode == "async":
+        strategy = make_async_strategy(cfg, clock)
+    else:
+        num_nodes = len(list(grid.get_node_ids()))
+        strategy = ClockedFedAvg(
+            clock=clock,
+            eval_every=cfg.eval_every,
+            seed=cfg.seed,
+            fraction_train=min(1.0, cfg.clients_per_round / max(num_nodes, 1)),
+            fraction_evaluate=0.0,
+            min_train_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),
+            min_evaluate_nodes=0,
+            min_available_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),
+        )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.task_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=evaluate_fn,
+    )
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    path = write_results(
+        new_run_dir(cfg.results_dir, cfg.mode),
+        config=cfg.to_run_config(),
+        history=strategy.history,
+        state_dict=model.state_dict(),
+    )
+    log(INFO, "Results written to %s", path.resolve())
+    return RunOutcome(result=result, history=strategy.history, results_path=path)
+
+
+def make_async_strategy(
+    cfg: AppConfig, clock: VirtualClock | None
+) -> StalenessAwareAsyncStrategy:
+    """The asynchronous strategy configured from the run config."""
+    return StalenessAwareAsyncStrategy(
+        concurrency=cfg.clients_per_round,
+        aggregation=cfg.aggregation,
+        buffer_size=cfg.effective_buffer_size,
+        server_lr=cfg.server_lr,
+        mixing_rate=cfg.mixing_rate,
+        staleness_fn=cfg.staleness_fn,
+        staleness_a=cfg.staleness_a,
+        staleness_b=cfg.staleness_b,
+        max_staleness=cfg.max_staleness,
+        selection=cfg.selection,
+        seed=cfg.seed,
+        clock=clock,
+        eval_every=cfg.eval_every,
+    )
+
+
+def central_evaluation(
+    cfg: AppConfig, testset: TensorDataset
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """``evaluate_fn`` for Flower strategies: the global model on the test set."""
+    loader = DataLoader(testset, batch_size=512)
+    model = build_model(cfg)
+    device = get_device()
+
+    def evaluate_fn(version: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, loader, device)
+        return MetricRecord({TEST_LOSS: loss, TEST_ACC: accuracy})
+
+    return evaluate_fn
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_S) -> int:
+    """Wait (bounded) until ``expected`` nodes are connected; return how many are.
+
+    The simulation registers its nodes while the ServerApp starts, and in a
+    deployment SuperNodes connect over time; the strategies also pick up nodes
+    that join later.
+    """
+    deadline = time.time() + timeout
+    count = len(list(grid.get_node_ids()))
+    while count < expected and time.time() < deadline:
+        time.sleep(0.5)
+        count = len(list(grid.get_node_ids()))
+    if count < expected:
+        log(
+            WARNING,
+            "Only %d of num-clients=%d nodes connected after %.0fs; continuing. In "
+            "simulation start `flwr run` with --federation-config "
+            '"num-supernodes=%d" (see README).',
+            count,
+            expected,
+            timeout,
+            expected,
+        )
+    return count
+
+
+app = make_server_app()

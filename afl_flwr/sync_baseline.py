@@ -1,0 +1,145 @@
+"""The synchronous baseline: Flower's own FedAvg, charged on the same clock.
+
+:class:`ClockedFedAvg` extends ``flwr.serverapp.strategy.FedAvg`` without changing
+its aggregation: it only records each round's replies in a :class:`RunHistory`
+(the same format as the asynchronous strategy) and, with a
+:class:`~afl_flwr.clock.VirtualClock`, charges every round the simulated duration
+of its slowest selected client, so AFL and SFL are compared on one clock.
+"""
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from afl_flwr.clock import VirtualClock
+from afl_flwr.constants import NUM_EXAMPLES, TASK_SEED, TRAIN_LOSS
+from afl_flwr.history import MERGED, REJECTED, EvalPoint, RunHistory, UpdateEvent
+
+
+class ClockedFedAvg(FedAvg):
+    """Flower's FedAvg with a run history and an optional simulated clock.
+
+    Parameters
+    ----------
+    clock : VirtualClock, optional (default: None)
+        Charges each round the slowest selected client's simulated duration;
+        without it, time is wall time.
+    eval_every : int (default: 1)
+        Run the central evaluation every this many rounds (and at the last).
+    seed : int (default: 0)
+        Base of the per-round ``task-seed`` sent to clients.
+    **kwargs
+        Passed to ``FedAvg``.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: VirtualClock | None = None,
+        eval_every: int = 1,
+        seed: int = 0,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.clock = clock
+        self.eval_every = eval_every
+        self.seed = seed
+        self.history = RunHistory()
+        self.sim_time = 0.0
+        self._t0 = time.time()
+        self._round_time = 0.0
+
+    def _now(self) -> float:
+        return self.sim_time if self.clock is not None else time.time() - self._t0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling, plus the round's simulated duration."""
+        config[TASK_SEED] = self.seed * 100_003 + server_round
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.clock is not None:
+            self.clock.register(grid, grid.get_node_ids())
+            durations = [
+                self.clock.next_duration(m.metadata.dst_node_id) for m in messages
+            ]
+            self._round_time = max(durations, default=0.0)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's aggregation, recording every reply in the history."""
+        replies = list(replies)
+        self.sim_time += self._round_time
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            client = self.clock.label(node) if self.clock is not None else node
+            event = UpdateEvent(
+                version=server_round - 1,
+                node_id=node,
+                client=client,
+                status=REJECTED,
+                base_version=server_round - 1,
+                staleness=0,
+                wall_time=time.time() - self._t0,
+                sim_time=self._now(),
+            )
+            if reply.has_error():
+                event.reason = reply.error.reason
+            else:
+                metrics = next(iter(reply.content.metric_records.values()), {})
+                event.status = MERGED
+                event.merged_into = server_round
+                event.num_examples = float(metrics.get(NUM_EXAMPLES, 0.0))  # type: ignore[arg-type]
+                event.weight = event.num_examples
+                loss = metrics.get(TRAIN_LOSS)
+                event.train_loss = float(loss) if loss is not None else None  # type: ignore[arg-type]
+            self.history.events.append(event)
+        return super().aggregate_train(server_round, replies)
+
+    # pylint: disable=too-many-arguments,too-many-positional-arguments
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run Flower's round loop, recording evaluations with their times."""
+        self.history = RunHistory()
+        self.sim_time = 0.0
+        self._t0 = time.time()
+
+        def recorded_evaluate(
+            server_round: int, arrays: ArrayRecord
+        ) -> MetricRecord | None:
+            if server_round % self.eval_every and server_round != num_rounds:
+                return None
+            metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            self.history.evals.append(
+                EvalPoint(
+                    version=server_round,
+                    wall_time=time.time() - self._t0,
+                    sim_time=self._now(),
+                    client_updates=len(self.history.merged()),
+                    metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
+                )
+            )
+            return metrics
+
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=recorded_evaluate,
+        )

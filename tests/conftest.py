@@ -1,0 +1,171 @@
+"""Shared test fixtures: the real MNIST folder and a scripted fake Grid."""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+# A reply factory gets (node_id, the train message, its arrays as numpy) and
+# returns reply content (RecordDict), an Error, or None (never reply).
+ReplyFn = Callable[[int, Message, dict[str, np.ndarray]], RecordDict | Error | None]
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Creating a Message needs the identity a ServerApp process would have."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST test-set folder shipped beside the repository."""
+    if not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"MNIST data not found at {DATA_DIR} (see its README)")
+    return DATA_DIR
+
+
+def make_params(seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny two-array float32 'model'."""
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.normal(size=(3, 2)).astype(np.float32),
+        "b": rng.normal(size=(2,)).astype(np.float32),
+    }
+
+
+def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def from_message(message: Message) -> dict[str, np.ndarray]:
+    record = next(iter(message.content.array_records.values()))
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def reply_content(
+    params: dict[str, np.ndarray], num_examples: float, loss: float = 1.0
+) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": to_record(params),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
+        }
+    )
+
+
+def shift_by(delta: float, num_examples: float = 10.0) -> ReplyFn:
+    """A well-behaved client: returns the received model plus ``delta``."""
+
+    def reply(node: int, message: Message, params: dict[str, np.ndarray]) -> RecordDict:
+        shifted = {
+            k: (v + np.float32(delta)).astype(v.dtype) for k, v in params.items()
+        }
+        return reply_content(shifted, num_examples)
+
+    return reply
+
+
+@dataclass
+class _Pending:
+    ready_tick: int
+    reply: Message | None
+
+
+@dataclass
+class FakeGrid(Grid):
+    """A Grid whose replies arrive after scripted numbers of polls ("ticks").
+
+    Every ``pull_messages`` call advances the clock by one tick; a reply to a
+    message pushed at tick ``t`` to node ``n`` becomes available at tick
+    ``t + delays[n]``. ``nodes_at`` optionally changes the node set over time.
+    """
+
+    replies: dict[int, ReplyFn]
+    delays: dict[int, int] = field(default_factory=dict)
+    nodes_at: Callable[[int], Iterable[int]] | None = None
+    profiles: dict[int, ConfigRecord] = field(default_factory=dict)
+    tick: int = 0
+    sent: list[Message] = field(default_factory=list)
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    extra_replies: list[Message] = field(default_factory=list)
+
+    # Grid's abstract API --------------------------------------------------
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        if self.nodes_at is not None:
+            return list(self.nodes_at(self.tick))
+        return list(self.replies)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            outcome = self.replies[node](node, message, from_message(message))
+            reply = None
+            if isinstance(outcome, Error) or outcome is not None:
+                reply = Message(outcome, reply_to=message)
+            self.pending[message.metadata.message_id] = _Pending(
+                self.tick + self.delays.get(node, 1), reply
+            )
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.tick += 1
+        out = list(self.extra_replies)
+        self.extra_replies.clear()
+        for message_id in list(message_ids):
+            pending = self.pending.get(message_id)
+            if (
+                pending
+                and pending.reply is not None
+                and pending.ready_tick <= self.tick
+            ):
+                out.append(pending.reply)
+                del self.pending[message_id]
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            node = message.metadata.dst_node_id
+            if node in self.profiles:
+                content = RecordDict({"profile": self.profiles[node]})
+                out.append(Message(content, reply_to=message))
+        return out
+
+    # helpers ----------------------------------------------------------------
+    def train_messages(self) -> list[Message]:
+        return [m for m in self.sent if m.metadata.message_type == "train"]
