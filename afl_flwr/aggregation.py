@@ -5,6 +5,7 @@ arrays are merged; integer arrays (e.g. batch norm's ``num_batches_tracked``) ar
 merged in float64 and rounded back, so every array keeps its dtype.
 """
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -42,13 +43,17 @@ def mix_immediate(
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"mixing rate must be in [0, 1], got {rate}")
-    for name, x in current.items():
-        x_i = update[name]
-        if np.issubdtype(x.dtype, np.floating):
-            torch.from_numpy(x).lerp_(torch.from_numpy(np.asarray(x_i)), rate)
-        else:
-            mixed = (1.0 - rate) * x.astype(np.float64) + rate * x_i
-            x[...] = np.rint(mixed).astype(x.dtype)
+    with warnings.catch_warnings():
+        # Reply arrays are read-only views of the message bytes; lerp_ only
+        # reads them, so torch's "not writable" warning does not apply.
+        warnings.simplefilter("ignore", UserWarning)
+        for name, x in current.items():
+            x_i = np.asarray(update[name])
+            if x.dtype.kind == "f":
+                torch.from_numpy(x).lerp_(torch.from_numpy(x_i), rate)
+            else:
+                mixed = (1.0 - rate) * x.astype(np.float64) + rate * x_i
+                x[...] = np.rint(mixed).astype(x.dtype)
 
 
 def buffered_update(
@@ -95,46 +100,61 @@ def buffered_update(
     if total <= 0 or min(weights) < 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
     factors = [w / total for w in weights]
-    average = _weighted_sum(updates, factors)
     if server_lr == 1.0 and all(base is current for base in bases):
-        return _cast_like(average, current)
+        return _cast_like(_weighted_sum(updates, factors), current)
 
-    # Group the base term by base object: sum_v (sum_{i: b_i = v} f_i) b_v.
+    # General case, with fused multiply-adds (one pass per term):
+    # x + eta * (sum_i f_i x_i - sum_v c_v b_v), grouping the base term by base
+    # object so a base shared by several updates is read once.
     base_factor: dict[int, float] = {}
     base_by_id: dict[int, Mapping[str, np.ndarray]] = {}
     for base, factor in zip(bases, factors, strict=True):
         base_factor[id(base)] = base_factor.get(id(base), 0.0) + factor
         base_by_id[id(base)] = base
-    base_term = _weighted_sum(
-        [base_by_id[key] for key in base_factor], list(base_factor.values())
-    )
+    terms = [(u, f) for u, f in zip(updates, factors, strict=True)]
+    terms += [(base_by_id[key], -c) for key, c in base_factor.items()]
     new: Params = {}
-    for name, x in current.items():
-        delta = average[name]
-        delta -= base_term[name]
-        if np.issubdtype(x.dtype, np.floating):
-            delta *= server_lr
-            delta += x
-            new[name] = delta
-        else:
-            new[name] = np.rint(x + server_lr * delta).astype(x.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only reply views
+        for name, x in current.items():
+            if not np.issubdtype(x.dtype, np.floating):
+                delta = sum(f * np.asarray(t[name], np.float64) for t, f in terms)
+                new[name] = np.asarray(np.rint(x + server_lr * delta)).astype(x.dtype)
+                continue
+            acc = torch.mul(
+                torch.from_numpy(np.asarray(terms[0][0][name])), terms[0][1]
+            )
+            for params, factor in terms[1:]:
+                acc.add_(torch.from_numpy(np.asarray(params[name])), alpha=factor)
+            torch.add(torch.from_numpy(x), acc, alpha=server_lr, out=acc)
+            new[name] = acc.numpy()
     return new
 
 
 def _weighted_sum(
     arrays: Sequence[Mapping[str, np.ndarray]], factors: Sequence[float]
 ) -> Params:
-    """``sum_i f_i a_i`` per name, accumulated in order (float arrays keep dtype)."""
+    """``sum_i f_i a_i`` per name, accumulated in order (float arrays keep dtype).
+
+    The same operations, in the same order, as Flower's ``aggregate_arrayrecords``
+    (``acc += a_i * f_i``), so results are bit-identical; a scratch buffer per
+    array avoids allocating the product on every term.
+    """
     out: Params = {}
+    scratch: Params = {}
     for params, factor in zip(arrays, factors, strict=True):
         for name, value in params.items():
             value = np.asarray(value)
             if not np.issubdtype(value.dtype, np.floating):
                 value = value.astype(np.float64)
             if name not in out:
-                out[name] = value * factor
+                # A copy scaled in place stays an ndarray even for 0-d arrays.
+                out[name] = np.array(value, copy=True)
+                out[name] *= factor
+                scratch[name] = np.empty_like(out[name])
             else:
-                out[name] += value * factor
+                np.multiply(value, factor, out=scratch[name])
+                out[name] += scratch[name]
     return out
 
 
@@ -143,6 +163,6 @@ def _cast_like(params: Params, like: Mapping[str, np.ndarray]) -> Params:
     return {
         name: value
         if np.issubdtype(like[name].dtype, np.floating)
-        else np.rint(value).astype(like[name].dtype)
+        else np.asarray(np.rint(value)).astype(like[name].dtype)
         for name, value in params.items()
     }

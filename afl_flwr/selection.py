@@ -68,9 +68,10 @@ class WithoutReplacement(NodeSelector):
                     del self._remaining[position]
                     return int(node)
             if attempt == 0:
-                self._remaining = [
-                    int(n) for n in self.rng.permutation(list(all_nodes))
-                ]
+                # Permute positions, not ids: node ids are uint64 and NumPy
+                # would turn a list of such large ints into (lossy) float64.
+                order = self.rng.permutation(len(all_nodes))
+                self._remaining = [int(all_nodes[i]) for i in order]
         return None  # pragma: no cover - a fresh pass always holds the idle nodes
 
 

@@ -42,18 +42,24 @@ class RunOutcome:
     results_path: Path
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    on_finish: Callable[[RunOutcome], None] | None = None,
+) -> ServerApp:
     """Build the ServerApp; ``overrides`` take precedence over the run config.
 
     ``flwr run`` passes the run config in the Context; ``overrides`` serve callers
     of ``flwr.simulation.run_simulation``, whose Context carries an empty one.
+    ``on_finish`` receives the :class:`RunOutcome` of an in-process run.
     """
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         cfg = AppConfig.from_run_config({**context.run_config, **(overrides or {})})
-        run(grid, cfg)
+        outcome = run(grid, cfg)
+        if on_finish is not None:
+            on_finish(outcome)
 
     return server_app
 

@@ -1,5 +1,9 @@
 """Shared test fixtures: the real MNIST folder and a scripted fake Grid."""
 
+import contextlib
+import os
+import signal
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,3 +173,37 @@ class FakeGrid(Grid):
     # helpers ----------------------------------------------------------------
     def train_messages(self) -> list[Message]:
         return [m for m in self.sent if m.metadata.message_type == "train"]
+
+
+def run_bounded(
+    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd=None
+) -> "subprocess.CompletedProcess[str]":
+    """Run ``cmd`` in its own process group; kill the whole group on any exit path.
+
+    Ray and Flower spawn helpers (raylet, workers, SuperExec); killing the group
+    makes sure a failing or hanging test leaves nothing behind.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, _ = proc.communicate()
+        pytest.fail(f"{cmd[:4]} did not finish within {timeout}s:\n{out[-4000:]}")
+    finally:
+        kill_group(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a process group, ignoring one that is already gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

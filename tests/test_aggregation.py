@@ -283,14 +283,6 @@ def test_buffered_keeps_integer_dtype(server_lr: float) -> None:
     assert new[name] == np.rint(expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: aggregation.py _weighted_sum (line 135, `value * factor`) turns 0-d "
-        "arrays (e.g. BatchNorm num_batches_tracked) into NumPy scalars, and "
-        "buffered_update returns them instead of 0-d ndarrays"
-    ),
-)
 @pytest.mark.parametrize("server_lr", [1.0, 0.5])
 def test_buffered_returns_ndarrays_for_zero_dim_params(server_lr: float) -> None:
     # Prepare: a ResNet's BatchNorm counter and a 0-d float parameter.

@@ -89,10 +89,11 @@ def test_make_selector_builds_registered_class(name: str) -> None:
 
 def test_registry_names() -> None:
     # Prepare / Execute / Assert
-    assert SELECTIONS == {
+    expected = {
         "with-replacement": WithReplacement,
         "without-replacement": WithoutReplacement,
     }
+    assert expected == SELECTIONS
 
 
 def test_make_selector_unknown_name_lists_allowed() -> None:

@@ -1,6 +1,7 @@
 """Tests for the staleness functions s(tau): hand values, shape, factory errors."""
 
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_one_at_zero_and_non_increasing(name: str, a: float, b: float) -> None:
     # Assert
     assert values[0] == 1.0
     assert all(0.0 < v <= 1.0 for v in values)
-    assert all(later <= earlier for earlier, later in zip(values, values[1:]))
+    assert all(later <= earlier for earlier, later in pairwise(values))
 
 
 @pytest.mark.parametrize("name", sorted(STALENESS_FUNCTIONS))
@@ -74,7 +75,7 @@ def test_default_parameters_start_at_one_and_decay(name: str) -> None:
 
     # Assert
     assert values[0] == 1.0
-    assert all(later <= earlier for earlier, later in zip(values, values[1:]))
+    assert all(later <= earlier for earlier, later in pairwise(values))
     if name != "constant":
         assert values[-1] < 1.0
 

@@ -484,3 +484,17 @@ def test_train_config_is_forwarded():
     assert config["lr"] == 0.1 and config["base-version"] == 0
     assert from_message(grid.train_messages()[0])["w"].dtype == np.float32
     assert isinstance(MetricRecord, type)
+
+
+def test_real_sized_node_ids_are_selected():
+    # Flower node ids are random uint64 values (above 2**63 half the time)
+    nodes = [2**64 - 17, 2**63 + 5, 12345, 2**62 + 1]
+    grid = FakeGrid(replies={n: shift_by(1.0) for n in nodes})
+    strategy = StalenessAwareAsyncStrategy(
+        concurrency=2, aggregation="immediate", poll_interval=0.0
+    )
+
+    run(strategy, grid, make_params(0), num_rounds=8)
+
+    assert strategy.version == 8
+    assert {m.metadata.dst_node_id for m in grid.train_messages()} == set(nodes)

@@ -1,0 +1,228 @@
+"""``afl-flwr``: run the app with ``flwr run`` and the right simulated federation.
+
+Flower 1.41 keeps federation settings (number of SuperNodes, client resources)
+out of ``pyproject.toml``; by default a local simulation has 2 SuperNodes with 2
+CPUs each. ``afl-flwr run`` derives them from the run config instead, so the
+federation always has ``num-clients`` SuperNodes, and wraps ``flwr run``::
+
+    flwr run <app> local --stream --run-config "..." --federation-config
+        "num-supernodes=<num-clients> client-resources-num-cpus=<c>
+         client-resources-num-gpus=<g>"
+
+with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (the app's dependencies,
+torch included, are already installed: without it the local SuperLink would
+install them again into a fresh environment for every run). A local SuperLink
+that this command had to start is stopped again when the run ends.
+"""
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from afl_flwr.config import AppConfig, ConfigError
+
+NO_DEP_INSTALL = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+DEFAULT_PORT = "39091"
+
+
+def federation_config(cfg: AppConfig, client_cpus: int, client_gpus: float) -> str:
+    """The ``--federation-config`` string of a simulation with one node per client."""
+    if client_cpus < 1:
+        raise ConfigError(f"--client-cpus={client_cpus} must be an integer >= 1")
+    if not 0.0 <= client_gpus <= 1.0:
+        raise ConfigError(f"--client-gpus={client_gpus} must be in [0, 1]")
+    return (
+        f"num-supernodes={cfg.num_clients} client-resources-num-cpus={client_cpus} "
+        f"client-resources-num-gpus={client_gpus}"
+    )
+
+
+def to_run_config_arg(overrides: dict[str, Any]) -> str:
+    """Serialise overrides back to ``flwr run --run-config`` syntax (TOML values)."""
+    parts = []
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            parts.append(f'{key}="{value}"')
+        elif isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def build_command(
+    app_dir: Path, overrides: dict[str, Any], federation: str, connection: str
+) -> list[str]:
+    """The ``flwr run`` command line."""
+    command = ["flwr", "run", str(app_dir), connection, "--stream"]
+    if overrides:
+        command += ["--run-config", to_run_config_arg(overrides)]
+    return [*command, "--federation-config", federation]
+
+
+def superlink_pids(port: str) -> list[int]:
+    """PIDs of ``flower-superlink`` processes serving ``port`` (Linux /proc scan)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        if any(w.endswith("flower-superlink") for w in words[:2]) and port in words:
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_processes(pids: Sequence[int], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is still alive after ``grace_s``."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+
+
+def run(argv: Sequence[str]) -> int:
+    """``afl-flwr run``: validate, run through ``flwr run``, clean up."""
+    parser = argparse.ArgumentParser(prog="afl-flwr run", description=__doc__)
+    parser.add_argument("app", nargs="?", default=".", help="app directory (default .)")
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=None,
+        help="run-config overrides, e.g. \"data-dir='../shared/data/mnist'\"",
+    )
+    parser.add_argument("--client-cpus", type=int, default=1)
+    parser.add_argument(
+        "--client-gpus",
+        type=float,
+        default=None,
+        help="GPU fraction per client (default: 1/clients-per-round with CUDA, else 0)",
+    )
+    parser.add_argument("--connection", default="local")
+    parser.add_argument(
+        "--keep-superlink", action="store_true", help="leave the SuperLink running"
+    )
+    args = parser.parse_args(argv)
+
+    try:
+        overrides = parse_config_args(args.run_config)
+        cfg = AppConfig.from_run_config(overrides)
+        if "results-dir" not in overrides:
+            overrides["results-dir"] = cfg.results_dir
+        # The ServerApp runs in the SuperLink's working directory: pass an
+        # absolute path so results land where the user asked.
+        overrides["results-dir"] = str(Path(overrides["results-dir"]).resolve())
+        if cfg.data_dir:
+            overrides["data-dir"] = str(Path(cfg.data_dir).resolve())
+        gpus = args.client_gpus
+        if gpus is None:
+            gpus = _default_gpu_fraction(cfg)
+        federation = federation_config(cfg, args.client_cpus, gpus)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if shutil.which("flwr") is None or shutil.which("flower-superexec") is None:
+        print(
+            "error: `flwr`/`flower-superexec` not on PATH; activate the venv where "
+            "afl-flwr is installed",
+            file=sys.stderr,
+        )
+        return 2
+
+    port = os.environ.get(PORT_ENV, DEFAULT_PORT)
+    already_running = superlink_pids(port)
+    if already_running and os.environ.get(NO_DEP_INSTALL) != "1":
+        print(
+            f"note: a local SuperLink is already running (pid {already_running}); "
+            f"if it was started without {NO_DEP_INSTALL}=1 it installs the app's "
+            "dependencies per run: stop it to let afl-flwr start a fresh one.",
+            file=sys.stderr,
+        )
+    env = {**os.environ, NO_DEP_INSTALL: "1"}
+    command = build_command(Path(args.app), overrides, federation, args.connection)
+    print("$", " ".join(command), flush=True)
+    try:
+        proc = subprocess.run(command, env=env, check=False, capture_output=False)
+        code = proc.returncode
+    finally:
+        started = [p for p in superlink_pids(port) if p not in already_running]
+        if started and not args.keep_superlink:
+            print(f"Stopping the local SuperLink started for this run (pid {started})")
+            stop_processes(started)
+    print(f"Results folder: {overrides['results-dir']}/{cfg.mode}-<timestamp>")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``afl-flwr`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "run": run,
+        "simulate": _simulate,
+        "experiment": _experiment,
+    }
+    if not argv or argv[0] not in commands:
+        print(
+            "usage: afl-flwr {run,simulate,experiment} ...\n"
+            "  run         run the app with `flwr run` (simulation or SuperLink)\n"
+            "  simulate    run in-process with Flower's run_simulation\n"
+            "  experiment  reproduce one of the paper's studies (see README)",
+            file=sys.stderr,
+        )
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+def _simulate(argv: Sequence[str]) -> int:
+    from afl_flwr.simulate import main as simulate_main
+
+    return simulate_main(list(argv))
+
+
+def _experiment(argv: Sequence[str]) -> int:
+    from afl_flwr.experiments import main as experiments_main
+
+    return experiments_main(list(argv))
+
+
+def _default_gpu_fraction(cfg: AppConfig) -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return round(1.0 / cfg.clients_per_round, 4)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and re.search(r"\) Z ", stat.read_text()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
