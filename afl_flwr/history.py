@@ -24,7 +24,8 @@ class UpdateEvent:
     ``version`` is the global version when the reply was handled; ``merged_into``
     the version that first contains the update (a buffered update waits for its
     buffer's flush); ``staleness`` the number of versions merged between dispatch
-    and arrival (None when unknown).
+    and arrival (None when unknown); ``sim_duration`` the task's simulated
+    duration (0 without a virtual clock).
     """
 
     version: int
@@ -40,6 +41,7 @@ class UpdateEvent:
     sim_time: float = 0.0
     reason: str = ""
     merged_into: int | None = None
+    sim_duration: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class EvalPoint:
     sim_time: float
     client_updates: int
     metrics: dict[str, float]
+    eval_seconds: float = 0.0
 
 
 @dataclass
@@ -59,6 +62,7 @@ class RunHistory:
 
     events: list[UpdateEvent] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
+    abandoned: int = 0  # tasks still in flight when the run stopped
 
     def merged(self) -> list[UpdateEvent]:
         """Events whose update entered the global model."""
@@ -96,4 +100,5 @@ class RunHistory:
             "events": [asdict(e) for e in self.events],
             "evals": [asdict(p) for p in self.evals],
             "client_counts": {str(k): v for k, v in self.client_counts().items()},
+            "abandoned": self.abandoned,
         }

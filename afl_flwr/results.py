@@ -58,8 +58,13 @@ def eval_rows(history: RunHistory) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(history: RunHistory) -> dict[str, Any]:
-    """Headline numbers of a run."""
+def summarize(history: RunHistory, concurrency: int | None = None) -> dict[str, Any]:
+    """Headline numbers of a run.
+
+    ``utilisation`` is the fraction of simulated time the ``concurrency`` client
+    slots were busy (sum of task durations / (slots x elapsed)); it needs the
+    virtual clock and is None otherwise.
+    """
     accs = [p.metrics[TEST_ACC] for p in history.evals if TEST_ACC in p.metrics]
     taus = history.staleness_values()
     counts = {s: sum(1 for e in history.events if e.status == s) for s in STATUSES}
@@ -73,7 +78,18 @@ def summarize(history: RunHistory) -> dict[str, Any]:
         "max_staleness": max(taus) if taus else 0,
         "sim_time": last.sim_time if last else 0.0,
         "wall_time": last.wall_time if last else 0.0,
+        "eval_seconds": sum(p.eval_seconds for p in history.evals),
+        "abandoned_tasks": history.abandoned,
+        "utilisation": _utilisation(history, concurrency),
     }
+
+
+def _utilisation(history: RunHistory, concurrency: int | None) -> float | None:
+    busy = sum(e.sim_duration for e in history.events)
+    end = max((e.sim_time for e in history.events), default=0.0)
+    if not concurrency or busy <= 0 or end <= 0:
+        return None
+    return busy / (concurrency * end)
 
 
 def write_results(
@@ -87,7 +103,10 @@ def write_results(
     """Write the results folder (see module docstring) and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", dict(config))
-    _write_json(out_dir / "summary.json", summarize(history))
+    _write_json(
+        out_dir / "summary.json",
+        summarize(history, config.get("clients-per-round")),
+    )
     _write_json(out_dir / "history.json", history.to_dict())
     _write_csv(out_dir / "evals.csv", eval_rows(history))
     _write_csv(out_dir / "events.csv", history.to_dict()["events"])

@@ -60,6 +60,7 @@ class _Task:
     sent_wall: float
     sim_finish: float
     seq: int
+    sim_duration: float = 0.0
 
 
 @dataclass
@@ -355,6 +356,7 @@ class StalenessAwareAsyncStrategy(Strategy):
 
         if self._in_flight:
             log(INFO, "%d task(s) still in flight are abandoned", len(self._in_flight))
+            self.history.abandoned = len(self._in_flight)
         if self._buffer:
             log(INFO, "%d buffered update(s) not merged at stop", len(self._buffer))
             for item in self._buffer:
@@ -402,7 +404,12 @@ class StalenessAwareAsyncStrategy(Strategy):
             duration = self.clock.next_duration(node) if self.clock else 0.0
             tasks.append(
                 _Task(
-                    node, self.version, time.time(), self._sim_now + duration, self._seq
+                    node,
+                    self.version,
+                    time.time(),
+                    self._sim_now + duration,
+                    self._seq,
+                    duration,
                 )
             )
             self._seq += 1
@@ -640,9 +647,11 @@ class StalenessAwareAsyncStrategy(Strategy):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
         result: Result,
     ) -> None:
+        started = time.time()
         metrics = (
             evaluate_fn(self.version, self._global_record()) if evaluate_fn else None
         )
+        eval_seconds = time.time() - started
         wall = time.time() - self._t0
         updates = len(self.history.merged())
         if metrics is not None:
@@ -654,6 +663,7 @@ class StalenessAwareAsyncStrategy(Strategy):
                 sim_time=self._now_sim(),
                 client_updates=updates,
                 metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
+                eval_seconds=eval_seconds,
             )
         )
         log(
@@ -690,6 +700,7 @@ class StalenessAwareAsyncStrategy(Strategy):
             wall_time=time.time() - self._t0,
             sim_time=self._now_sim(),
             reason=reason,
+            sim_duration=task.sim_duration,
         )
         self.history.events.append(event)
         return event

@@ -51,6 +51,7 @@ class ClockedFedAvg(FedAvg):
         self.sim_time = 0.0
         self._t0 = time.time()
         self._round_time = 0.0
+        self._durations: dict[int, float] = {}
 
     def _now(self) -> float:
         return self.sim_time if self.clock is not None else time.time() - self._t0
@@ -63,10 +64,11 @@ class ClockedFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.clock is not None:
             self.clock.register(grid, grid.get_node_ids())
-            durations = [
-                self.clock.next_duration(m.metadata.dst_node_id) for m in messages
-            ]
-            self._round_time = max(durations, default=0.0)
+            self._durations = {
+                m.metadata.dst_node_id: self.clock.next_duration(m.metadata.dst_node_id)
+                for m in messages
+            }
+            self._round_time = max(self._durations.values(), default=0.0)
         return messages
 
     def aggregate_train(
@@ -87,6 +89,7 @@ class ClockedFedAvg(FedAvg):
                 staleness=0,
                 wall_time=time.time() - self._t0,
                 sim_time=self._now(),
+                sim_duration=self._durations.get(node, 0.0),
             )
             if reply.has_error():
                 event.reason = reply.error.reason
@@ -122,6 +125,7 @@ class ClockedFedAvg(FedAvg):
         ) -> MetricRecord | None:
             if server_round % self.eval_every and server_round != num_rounds:
                 return None
+            started = time.time()
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
             self.history.evals.append(
                 EvalPoint(
@@ -130,6 +134,7 @@ class ClockedFedAvg(FedAvg):
                     sim_time=self._now(),
                     client_updates=len(self.history.merged()),
                     metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
+                    eval_seconds=time.time() - started,
                 )
             )
             return metrics

@@ -1,0 +1,104 @@
+"""Running simulations for experiments and reading their results folders."""
+
+import csv
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from afl_flwr.config import AppConfig
+from afl_flwr.results import TEST_ACC
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run, loaded back from its results folder."""
+
+    label: str
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    evals: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    wall_seconds: float
+
+    def curve(self, x: str = "sim_time") -> tuple[np.ndarray, np.ndarray]:
+        """``(x, test accuracy)`` over the evaluations (x: sim_time/version/...)."""
+        rows = [r for r in self.evals if r["test_acc"] != ""]
+        return (
+            np.array([float(r[x]) for r in rows]),
+            np.array([float(r["test_acc"]) for r in rows]),
+        )
+
+    def time_to(self, target: float, x: str = "sim_time") -> float | None:
+        """First ``x`` (simulated time by default) with test accuracy >= target."""
+        xs, accs = self.curve(x)
+        hits = np.nonzero(accs >= target)[0]
+        return float(xs[hits[0]]) if hits.size else None
+
+
+def load_run(path: Path, label: str = "", wall_seconds: float = 0.0) -> RunRecord:
+    """Read a results folder written by the ServerApp."""
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        with (path / name).open() as handle:
+            return list(csv.DictReader(handle))
+
+    return RunRecord(
+        label=label or path.name,
+        path=path,
+        config=json.loads((path / "config.json").read_text()),
+        summary=json.loads((path / "summary.json").read_text()),
+        evals=rows("evals.csv"),
+        events=rows("events.csv"),
+        wall_seconds=wall_seconds,
+    )
+
+
+def run_simulation_record(
+    overrides: Mapping[str, Any],
+    label: str,
+    *,
+    client_cpus: int = 1,
+    client_gpus: float = 0.0,
+    progress: str = "",
+) -> RunRecord:
+    """Run one simulation (see :func:`afl_flwr.simulate.simulate`) and load it."""
+    from afl_flwr.simulate import simulate
+
+    AppConfig.from_run_config(overrides)  # fail before any run starts
+    print(f"{progress} {label}: running ...", flush=True)
+    started = time.time()
+    path = simulate(overrides, client_cpus=client_cpus, client_gpus=client_gpus)
+    record = load_run(path, label, time.time() - started)
+    best = record.summary.get("best_test_acc")
+    print(
+        f"{progress} {label}: done in {record.wall_seconds:.0f}s, best "
+        f"{TEST_ACC} {best if best is None else f'{best:.4f}'}, sim time "
+        f"{record.summary['sim_time']:.1f}s",
+        flush=True,
+    )
+    return record
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "not reached"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
