@@ -166,6 +166,14 @@ class VirtualClock:
         self.profiles: dict[int, NodeProfile] = {}
         self._tasks: dict[int, int] = {}
 
+    def get_state(self) -> dict[str, int]:
+        """Tasks dispatched per client, JSON-ready (for checkpoints)."""
+        return {str(k): v for k, v in self._tasks.items()}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        """Restore :meth:`get_state`."""
+        self._tasks = {int(k): int(v) for k, v in state.items()}
+
     def register(self, grid: Grid, node_ids: Iterable[int]) -> None:
         """Ask nodes without a known profile for it (``query.profile`` messages).
 
@@ -208,9 +216,14 @@ class VirtualClock:
         )
 
     def next_duration(self, node_id: int) -> float:
-        """Simulated duration of the next task sent to ``node_id``."""
-        index = self._tasks.get(node_id, 0)
-        self._tasks[node_id] = index + 1
+        """Simulated duration of the next task sent to ``node_id``.
+
+        Tasks are counted per client (partition id when known), so a resumed run
+        whose nodes have new ids continues the same delay sequence.
+        """
+        key = self.label(node_id)
+        index = self._tasks.get(key, 0)
+        self._tasks[key] = index + 1
         profile = self.profiles.get(node_id) or NodeProfile(-1, self.batch_size)
         return task_duration(
             profile,

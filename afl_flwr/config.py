@@ -69,8 +69,10 @@ class AppConfig:
     straggler_slowdown: float = 10.0
     max_delay_s: float = 2.0
     step_time_s: float = 0.01
-    # Output.
+    # Output and fault tolerance.
     results_dir: str = "results"
+    checkpoint_every: int = 0
+    resume_from: str = ""
 
     @property
     def effective_buffer_size(self) -> int:
@@ -138,8 +140,14 @@ class AppConfig:
             "buffer-size",
             "max-delay-s",
             "step-time-s",
+            "checkpoint-every",
         ):
             _non_negative(key, getattr(self, key.replace("-", "_")))
+        if self.resume_from and self.mode != "async":
+            raise ConfigError(
+                f"resume-from={self.resume_from!r} needs mode='async' (FedAvg runs "
+                "are not checkpointed)"
+            )
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round={self.clients_per_round} exceeds "

@@ -94,6 +94,15 @@ class RunHistory:
             for client, counter in sorted(counts.items())
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunHistory":
+        """Inverse of :meth:`to_dict` (used to resume from a checkpoint)."""
+        return cls(
+            events=[UpdateEvent(**e) for e in data.get("events", [])],
+            evals=[EvalPoint(**p) for p in data.get("evals", [])],
+            abandoned=int(data.get("abandoned", 0)),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {

@@ -7,6 +7,7 @@ factor ``(N - m) / (N - 1)``.
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,14 @@ class NodeSelector(ABC):
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state (for checkpoints)."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`."""
+        self.rng.bit_generator.state = state["rng"]
 
     @abstractmethod
     def select(self, all_nodes: Sequence[int], idle: Sequence[int]) -> int | None:
@@ -54,6 +63,15 @@ class WithoutReplacement(NodeSelector):
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed)
         self._remaining: list[int] = []
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state, including the rest of the current pass."""
+        return {**super().get_state(), "remaining": list(self._remaining)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`."""
+        super().set_state(state)
+        self._remaining = [int(n) for n in state.get("remaining", [])]
 
     def select(self, all_nodes: Sequence[int], idle: Sequence[int]) -> int | None:
         """Return the next idle node of the current pass."""

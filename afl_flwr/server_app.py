@@ -31,6 +31,9 @@ from afl_flwr.sync_baseline import ClockedFedAvg
 from afl_flwr.training import evaluate, get_device
 
 NODE_WAIT_S = 30.0
+# Replies larger than this are rejected (the largest registered model, ResNet-20,
+# is ~1 MB; a reply 1 GB big is malformed or hostile).
+MAX_REPLY_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,13 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
         else None
     )
     log(INFO, "Mode %s, model %s, dataset %s", cfg.mode, cfg.model, cfg.dataset)
+    run_dir = new_run_dir(cfg.results_dir, cfg.mode)
     strategy: StalenessAwareAsyncStrategy | ClockedFedAvg
     if cfg.mode == "async":
-        strategy = make_async_strategy(cfg, clock)
+        strategy = make_async_strategy(cfg, clock, run_dir / "checkpoint.npz")
+        if cfg.resume_from:
+            version = strategy.resume_from(cfg.resume_from)
+            log(INFO, "Resuming from %s (version %d)", cfg.resume_from, version)
     else:
         num_nodes = len(list(grid.get_node_ids()))
         strategy = ClockedFedAvg(
@@ -111,7 +118,7 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
     )
     model.load_state_dict(result.arrays.to_torch_state_dict())
     path = write_results(
-        new_run_dir(cfg.results_dir, cfg.mode),
+        run_dir,
         config=cfg.to_run_config(),
         history=strategy.history,
         state_dict=model.state_dict(),
@@ -121,10 +128,12 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
 
 
 def make_async_strategy(
-    cfg: AppConfig, clock: VirtualClock | None
+    cfg: AppConfig, clock: VirtualClock | None, checkpoint_path: Path | None = None
 ) -> StalenessAwareAsyncStrategy:
     """The asynchronous strategy configured from the run config."""
     return StalenessAwareAsyncStrategy(
+        checkpoint_every=cfg.checkpoint_every if checkpoint_path else 0,
+        checkpoint_path=checkpoint_path,
         concurrency=cfg.clients_per_round,
         aggregation=cfg.aggregation,
         buffer_size=cfg.effective_buffer_size,
@@ -138,6 +147,7 @@ def make_async_strategy(
         seed=cfg.seed,
         clock=clock,
         eval_every=cfg.eval_every,
+        max_reply_bytes=MAX_REPLY_BYTES,
     )
 
 

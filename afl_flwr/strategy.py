@@ -5,6 +5,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -24,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 
 from afl_flwr.aggregation import Params, buffered_update, mix_immediate, staleness
+from afl_flwr.checkpoint import load_checkpoint, save_checkpoint
 from afl_flwr.clock import VirtualClock
 from afl_flwr.constants import BASE_VERSION, CLIENT_DELAY, SERVER_ROUND, TASK_SEED
 from afl_flwr.history import (
@@ -128,6 +131,11 @@ class StalenessAwareAsyncStrategy(Strategy):
         when exceeded, even before ``num_rounds`` versions.
     max_reply_bytes : int, optional (default: None)
         Reject replies whose arrays exceed this size.
+    checkpoint_every : int (default: 0)
+        Write a checkpoint (weights, version, RNG state, history) to
+        ``checkpoint_path`` every this many versions; 0 disables it.
+    checkpoint_path : str or Path, optional (default: None)
+        Checkpoint file, written atomically (see :mod:`afl_flwr.checkpoint`).
     weighted_by_key : str (default: "num-examples")
         Metric holding a client's example count ``n_i``.
     arrayrecord_key : str (default: "arrays")
@@ -162,6 +170,8 @@ class StalenessAwareAsyncStrategy(Strategy):
         eval_every: int = 1,
         max_time: float | None = None,
         max_reply_bytes: int | None = None,
+        checkpoint_every: int = 0,
+        checkpoint_path: str | Path | None = None,
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
@@ -192,6 +202,11 @@ class StalenessAwareAsyncStrategy(Strategy):
             raise ValueError(f"eval_every={eval_every} must be >= 1")
         if max_time is not None and not max_time > 0:
             raise ValueError(f"max_time={max_time} must be > 0")
+        if checkpoint_every < 0 or (checkpoint_every and checkpoint_path is None):
+            raise ValueError(
+                f"checkpoint_every={checkpoint_every} must be >= 0, and > 0 needs a "
+                "checkpoint_path"
+            )
         self.concurrency = concurrency
         self.aggregation = aggregation
         self.buffer_size = buffer_size or concurrency
@@ -209,6 +224,9 @@ class StalenessAwareAsyncStrategy(Strategy):
         self.eval_every = eval_every
         self.max_time = max_time
         self.max_reply_bytes = max_reply_bytes
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self._resume: tuple[Params, dict[str, Any]] | None = None
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
@@ -258,6 +276,66 @@ class StalenessAwareAsyncStrategy(Strategy):
 
     def _sort_key(self, node_id: int) -> tuple[int, int]:
         return self.clock.sort_key(node_id) if self.clock is not None else (0, node_id)
+
+    # ------------------------------------------------------------ checkpoints
+    def resume_from(self, path: str | Path) -> int:
+        """Load a checkpoint; the next :meth:`start` continues from it.
+
+        Returns the checkpoint's version. ``initial_arrays`` passed to ``start``
+        are then ignored in favour of the checkpoint's weights.
+        """
+        params, state = load_checkpoint(Path(path))
+        if state.get("aggregation") != self.aggregation:
+            raise ValueError(
+                f"checkpoint uses aggregation={state.get('aggregation')!r}, this "
+                f"strategy {self.aggregation!r}"
+            )
+        self._resume = (params, state)
+        return int(state["version"])
+
+    def _save_checkpoint(self) -> None:
+        assert self.checkpoint_path is not None
+        state = {
+            "version": self.version,
+            "aggregation": self.aggregation,
+            "param_order": list(self._params),
+            "selector": self.selector.get_state(),
+            "clock": self.clock.get_state() if self.clock is not None else None,
+            "last_staleness": {str(k): v for k, v in self._last_staleness.items()},
+            "seq": self._seq,
+            "sim_now": self._sim_now,
+            "wall": time.time() - self._t0,
+            "history": self.history.to_dict(),
+        }
+        save_checkpoint(self.checkpoint_path, self._params, state)
+        log(
+            INFO,
+            "Checkpoint of version %d written to %s",
+            self.version,
+            self.checkpoint_path,
+        )
+
+    def _apply_resume(self) -> None:
+        assert self._resume is not None
+        params, state = self._resume
+        self._resume = None
+        if model_spec(params) != self._spec:
+            raise ValueError(
+                "checkpoint weights do not match the initial model's arrays"
+            )
+        self._set_global({k: np.array(v) for k, v in params.items()})
+        self.version = int(state["version"])
+        self.selector.set_state(state["selector"])
+        if self.clock is not None and state.get("clock") is not None:
+            self.clock.set_state(state["clock"])
+        self._last_staleness = {
+            int(k): int(v) for k, v in state["last_staleness"].items()
+        }
+        self._seq = int(state["seq"])
+        self._sim_now = float(state["sim_now"])
+        self._t0 = time.time() - float(state["wall"])
+        self.history = RunHistory.from_dict(state["history"])
+        log(INFO, "Resumed from version %d", self.version)
 
     # ---------------------------------------------------------------- summary
     def summary(self) -> None:
@@ -337,7 +415,11 @@ class StalenessAwareAsyncStrategy(Strategy):
         self._set_global(arrayrecord_to_params(initial_arrays, writable=True))
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result(arrays=initial_arrays)
-        self._evaluate(evaluate_fn, result)
+        if self._resume is not None:
+            self._apply_resume()
+            result.arrays = self._global_record()
+        else:
+            self._evaluate(evaluate_fn, result)
 
         while self.version < num_rounds:
             if self.max_time is not None and self._now_sim() >= self.max_time:
@@ -632,6 +714,8 @@ class StalenessAwareAsyncStrategy(Strategy):
         )
         if self.version % self.eval_every == 0 or self.version == num_rounds:
             self._evaluate(evaluate_fn, result)
+        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
+            self._save_checkpoint()
         else:
             log(
                 INFO,
