@@ -52,6 +52,9 @@ from afl_flwr.selection import make_selector
 from afl_flwr.staleness import make_staleness_fn
 
 AGGREGATIONS = ("buffered", "immediate")
+# Seconds between node-list refreshes while tasks are in flight (each refresh is
+# a SuperLink round trip in a deployment).
+NODE_REFRESH_S = 1.0
 
 
 @dataclass
@@ -256,6 +259,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         self._t0 = time.time()
         self._sync_tasks: dict[int, tuple[Message, int]] = {}
         self._logged_capacity = False
+        self._last_refresh = 0.0
 
     def _set_global(self, params: Params) -> None:
         self._params = params
@@ -452,6 +456,11 @@ class StalenessAwareAsyncStrategy(Strategy):
         return result
 
     def _refresh_nodes(self, grid: Grid) -> None:
+        """Pick up joined/left nodes (at most every ``NODE_REFRESH_S`` when busy)."""
+        now = time.time()
+        if self._in_flight and now - self._last_refresh < NODE_REFRESH_S:
+            return
+        self._last_refresh = now
         nodes = set(grid.get_node_ids())
         joined, left = nodes - self._known_nodes, self._known_nodes - nodes
         if joined and self._known_nodes:
