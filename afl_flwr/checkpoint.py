@@ -23,9 +23,12 @@ def save_checkpoint(path: Path, params: Mapping[str, np.ndarray], state: dict) -
     """Write ``params`` and the JSON-serialisable ``state`` atomically to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    arrays = {f"{PARAM_PREFIX}{k}": np.asarray(v) for k, v in params.items()}
+    arrays: dict[str, Any] = {
+        f"{PARAM_PREFIX}{k}": np.asarray(v) for k, v in params.items()
+    }
+    arrays[STATE_KEY] = np.array(json.dumps(state))
     with tmp.open("wb") as handle:
-        np.savez(handle, **arrays, **{STATE_KEY: np.array(json.dumps(state))})
+        np.savez(handle, **arrays)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

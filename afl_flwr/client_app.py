@@ -80,12 +80,12 @@ def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     partition_id = node_partition(context, cfg)
     trainset = client_trainset(cfg, partition_id)
     config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    tau = float(config.get(CLIENT_DELAY, 0))  # type: ignore[arg-type]
-    epochs = int(config.get(LOCAL_EPOCHS, cfg.local_epochs))  # type: ignore[call-overload]
-    task_seed = int(config.get(TASK_SEED, cfg.seed))  # type: ignore[call-overload]
+    tau = _number(config.get(CLIENT_DELAY, 0), CLIENT_DELAY)
+    epochs = int(_number(config.get(LOCAL_EPOCHS, cfg.local_epochs), LOCAL_EPOCHS))
+    task_seed = int(_number(config.get(TASK_SEED, cfg.seed), TASK_SEED))
 
     model = build_model(cfg)
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     torch.manual_seed(task_seed)
     loader = DataLoader(
         trainset,
@@ -127,7 +127,7 @@ def evaluate_local(msg: Message, context: Context, cfg: AppConfig) -> Message:
     partition_id = node_partition(context, cfg)
     dataset = client_trainset(cfg, partition_id)
     model = build_model(cfg)
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     loss, accuracy = evaluate(model, DataLoader(dataset, batch_size=256), get_device())
     metrics = MetricRecord(
         {EVAL_LOSS: loss, EVAL_ACC: accuracy, NUM_EXAMPLES: len(dataset)}
@@ -202,6 +202,13 @@ def build_model(cfg: AppConfig) -> torch.nn.Module:
     """The configured model for the configured data set."""
     spec = get_dataset_spec(cfg.dataset)
     return get_model(cfg.model, spec.in_channels, spec.num_classes)
+
+
+def _number(value: object, key: str) -> float:
+    """A numeric message-config value, or a ValueError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config '{key}'={value!r} must be a number")
+    return float(value)
 
 
 def _sleep_like(profile: NodeProfile, compute_s: float, task_seed: int) -> None:

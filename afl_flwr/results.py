@@ -166,7 +166,7 @@ def plot_staleness(history: RunHistory, path: Path) -> None:
     taus = history.staleness_values()
     fig, ax = plt.subplots(figsize=(6, 4))
     if taus:
-        ax.hist(taus, bins=np.arange(max(taus) + 2) - 0.5, edgecolor="black")
+        ax.hist(taus, bins=[t - 0.5 for t in range(max(taus) + 2)], edgecolor="black")
     ax.set_xlabel("staleness tau (versions)")
     ax.set_ylabel("updates")
     ax.set_title(f"Measured staleness (mean {np.mean(taus) if taus else 0:.2f})")

@@ -92,9 +92,11 @@ class ClockedFedAvg(FedAvg):
                 sim_duration=self._durations.get(node, 0.0),
             )
             if reply.has_error():
-                event.reason = reply.error.reason
+                event.reason = reply.error.reason or ""
             else:
-                metrics = next(iter(reply.content.metric_records.values()), {})
+                metrics = next(
+                    iter(reply.content.metric_records.values()), MetricRecord()
+                )
                 event.status = MERGED
                 event.merged_into = server_round
                 event.num_examples = float(metrics.get(NUM_EXAMPLES, 0.0))  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ gain if stale updates were worth as much as fresh ones.
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -72,12 +73,13 @@ def speed_bound(
     """
     if not 1 <= concurrency <= len(profiles):
         raise ValueError(f"concurrency={concurrency} must be in 1..{len(profiles)}")
-    kwargs = {
-        "local_epochs": local_epochs,
-        "batch_size": batch_size,
-        "step_time_s": step_time_s,
-        "seed": seed,
-    }
+    duration_of = partial(
+        task_duration,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        step_time_s=step_time_s,
+        seed=seed,
+    )
     nodes = list(range(len(profiles)))
 
     # Synchronous rounds.
@@ -89,7 +91,7 @@ def speed_bound(
         chosen = rng.choice(len(profiles), size=concurrency, replace=False)
         durations = []
         for node in chosen:
-            durations.append(task_duration(profiles[node], tasks[node], **kwargs))
+            durations.append(duration_of(profiles[node], tasks[node]))
             tasks[node] += 1
         sync_time += max(durations)
         sync_busy += sum(durations)
@@ -108,7 +110,7 @@ def speed_bound(
         node = selector.select(nodes, [n for n in nodes if n not in busy])
         if node is None:
             return
-        duration = task_duration(profiles[node], tasks[node], **kwargs)
+        duration = duration_of(profiles[node], tasks[node])
         tasks[node] += 1
         async_busy += duration
         heapq.heappush(running, (now + duration, node))

@@ -145,7 +145,7 @@ def staleness_fns(out: Path, base: dict[str, Any], target: float) -> dict[str, A
         "straggler-fraction": 0.2,
         "straggler-slowdown": 10.0,
     }
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "constant": {"staleness-fn": "constant"},
         "polynomial a=0.5": {"staleness-fn": "polynomial", "staleness-a": 0.5},
         "hinge a=10 b=4": {
