@@ -31,6 +31,7 @@ from afl_flwr.config import AppConfig
 from afl_flwr.data import partition_sizes
 from afl_flwr.experiments.bound import speed_bound
 from afl_flwr.experiments.runs import markdown_table, run_simulation_record
+from afl_flwr.experiments.studies import BASE_CONFIG
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "a: speeds 1-10x, delays U(0,2s)": {
@@ -45,15 +46,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "straggler-slowdown": 10.0,
     },
 }
-BASE: dict[str, Any] = {
-    "dataset": "mnist",
-    "model": "small-cnn",
-    "num-clients": 10,
-    "clients-per-round": 5,
-    "local-epochs": 1,
-    "num-server-rounds": 15,
-    "clock": "virtual",
-}
+BASE: dict[str, Any] = {**BASE_CONFIG, "clock": "virtual"}
 
 
 def bound_for(cfg: AppConfig, updates: int) -> Any:

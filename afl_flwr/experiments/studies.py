@@ -81,13 +81,7 @@ def concurrency(out: Path, base: dict[str, Any], target: float) -> dict[str, Any
         )
         for i, c in enumerate(values, start=1)
     ]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for run in runs:
-        ax.plot(*run.curve(), marker=".", label=run.label)
-    ax.set(xlabel="simulated time (s)", ylabel="central test accuracy")
-    ax.legend()
-    _save(fig, out / "concurrency.png")
+    _plot_accuracy_vs_time(runs, out / "concurrency.png")
     rows = [
         [
             c,
@@ -129,9 +123,7 @@ def afl_vs_sfl(out: Path, base: dict[str, Any], target: float) -> dict[str, Any]
     for ax in axes:
         ax.legend()
     _save(fig, out / "afl_vs_sfl.png")
-    rows = [_comparison_row(run, target) for run in runs]
-    table = markdown_table(COMPARISON_HEADER(target), rows)
-    return _write(out, "afl_vs_sfl", {"rows": rows}, table)
+    return _write_comparison(out, "afl_vs_sfl", runs, target)
 
 
 def staleness_fns(out: Path, base: dict[str, Any], target: float) -> dict[str, Any]:
@@ -161,16 +153,8 @@ def staleness_fns(out: Path, base: dict[str, Any], target: float) -> dict[str, A
         )
         for i, (name, extra) in enumerate(variants.items(), start=1)
     ]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for run in runs:
-        ax.plot(*run.curve(), marker=".", label=run.label)
-    ax.set(xlabel="simulated time (s)", ylabel="central test accuracy")
-    ax.legend()
-    _save(fig, out / "staleness_fns.png")
-    rows = [_comparison_row(run, target) for run in runs]
-    table = markdown_table(COMPARISON_HEADER(target), rows)
-    return _write(out, "staleness_fns", {"rows": rows}, table)
+    _plot_accuracy_vs_time(runs, out / "staleness_fns.png")
+    return _write_comparison(out, "staleness_fns", runs, target)
 
 
 def sampling(out: Path, base: dict[str, Any], target: float) -> dict[str, Any]:
@@ -192,6 +176,24 @@ def COMPARISON_HEADER(target: float) -> list[str]:  # noqa: N802 - a table heade
         "utilisation",
         "wall (s)",
     ]
+
+
+def _plot_accuracy_vs_time(runs: list[RunRecord], path: Path) -> None:
+    fig, ax = _pyplot().subplots(figsize=(7, 5))
+    for run in runs:
+        ax.plot(*run.curve(), marker=".", label=run.label)
+    ax.set(xlabel="simulated time (s)", ylabel="central test accuracy")
+    ax.legend()
+    _save(fig, path)
+
+
+def _write_comparison(
+    out: Path, name: str, runs: list[RunRecord], target: float
+) -> dict[str, Any]:
+    rows = [_comparison_row(run, target) for run in runs]
+    return _write(
+        out, name, {"rows": rows}, markdown_table(COMPARISON_HEADER(target), rows)
+    )
 
 
 def _comparison_row(run: RunRecord, target: float) -> list[Any]:
