@@ -17,6 +17,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -52,6 +53,13 @@ from afl_flwr.selection import make_selector
 from afl_flwr.staleness import make_staleness_fn
 
 AGGREGATIONS = ("buffered", "immediate")
+# Error codes the SuperLink puts in replies it makes up for tasks that expired
+# (TTL) or whose node is offline.
+UNAVAILABLE_CODES = (
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.NODE_UNAVAILABLE,
+)
 # Seconds between node-list refreshes while tasks are in flight (each refresh is
 # a SuperLink round trip in a deployment).
 NODE_REFRESH_S = 1.0
@@ -622,6 +630,13 @@ class StalenessAwareAsyncStrategy(Strategy):
         num_rounds: int,
     ) -> None:
         tau = staleness(self.version, task.base_version)
+        if reply.has_error() and reply.error.code in UNAVAILABLE_CODES:
+            # The SuperLink answers for a task whose TTL expired or whose node
+            # went offline: that is a timeout, not a bad reply.
+            log(WARNING, "Node %s: %s, slot freed", task.node_id, reply.error.reason)
+            self._record_event(task, TIMEOUT, reason=reply.error.reason or "")
+            self._release_base(task.base_version)
+            return
         try:
             parsed = parse_train_reply(
                 reply, self._spec, self.weighted_by_key, self.max_reply_bytes
@@ -723,8 +738,6 @@ class StalenessAwareAsyncStrategy(Strategy):
         )
         if self.version % self.eval_every == 0 or self.version == num_rounds:
             self._evaluate(evaluate_fn, result)
-        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self._save_checkpoint()
         else:
             log(
                 INFO,
@@ -734,6 +747,8 @@ class StalenessAwareAsyncStrategy(Strategy):
                 self._now_sim(),
                 time.time() - self._t0,
             )
+        if self.checkpoint_every and self.version % self.checkpoint_every == 0:
+            self._save_checkpoint()
 
     def _evaluate(
         self,

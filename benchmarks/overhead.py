@@ -16,6 +16,7 @@ Usage::
 """
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,11 @@ BASE: dict[str, Any] = {
 }
 
 
-def bare_loop(cfg: AppConfig, clients: list[int], evals: int) -> tuple[float, float]:
+def bare_loop(
+    cfg: AppConfig, clients: list[int], evals: int, threads: int
+) -> tuple[float, float]:
     """Seconds to train ``clients`` (one task each) and run ``evals`` evaluations."""
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(threads)
     device = get_device()
     data = {
         pid: load_partition(
@@ -98,8 +101,13 @@ def main() -> None:
     trained = [int(e["client"]) for e in run.events if e["status"] != "timeout"]
     # Tasks still in flight at the end trained too; replay them on typical clients.
     trained += trained[: run.summary["abandoned_tasks"]]
-    print(f"[2/2] bare PyTorch loop: {len(trained)} tasks ...", flush=True)
-    train_s, eval_s = bare_loop(cfg, trained, len(run.evals))
+    # The floor is the faster of one thread and all cores (intra-op threading
+    # does not always pay off for small convolutions).
+    cores = os.cpu_count() or 1
+    probe = {t: bare_loop(cfg, trained[:2], 0, t)[0] for t in sorted({1, cores})}
+    threads = min(probe, key=probe.__getitem__)
+    print(f"[2/2] bare PyTorch loop: {len(trained)} tasks, {threads} thread(s) ...")
+    train_s, eval_s = bare_loop(cfg, trained, len(run.evals), threads)
     bare = train_s + eval_s
 
     total = run.wall_seconds
@@ -108,12 +116,12 @@ def main() -> None:
     rows = [
         ["bare PyTorch loop (train + eval)", bare, 1.0],
         ["async simulation, end to end", total, total / bare],
-        ["  Ray start-up/shutdown, data load (outside the loop)", total - loop, None],
-        ["  central evaluation", sim_eval, None],
+        ["  Ray start-up/shutdown, data load (outside the loop)", total - loop, ""],
+        ["  central evaluation", sim_eval, ""],
         [
             "  rest of the loop (training, scheduling, serialisation)",
             loop - sim_eval,
-            None,
+            "",
         ],
         ["async loop without start-up", loop, loop / bare],
     ]
@@ -122,7 +130,7 @@ def main() -> None:
         f"\n{len(trained)} client tasks ({cfg.local_epochs} local epochs, model "
         f"{cfg.model}, {cfg.clients_per_round} clients in parallel) and "
         f"{len(run.evals)} central evaluations; bare loop uses "
-        f"{torch.get_num_threads()} threads.\n"
+        f"{threads} thread(s) (probe: {probe}).\n"
     )
     (args.out / "overhead.md").write_text(table + note)
     print(table + note)

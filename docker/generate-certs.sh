@@ -13,6 +13,8 @@
 #                                     DNS:localhost, DNS:superlink, IP:127.0.0.1, IP:::1
 #   OUT_DIR/supernode-<i>, .pub       ECDSA P-384 OpenSSH key pairs, i = 0..N-1
 #                                     (SuperNode i serves partition-id i)
+# Private keys are created mode 600, certificates and public keys 644. Flower's
+# containers run as UID 49999: see docker/README.md before mounting the keys.
 # Extra SAN entries: EXTRA_SAN="DNS:my-host,IP:10.0.0.5" docker/generate-certs.sh ...
 set -euo pipefail
 
@@ -77,6 +79,7 @@ for ((i = 0; i < num_nodes; i++)); do
   fi
   rm -f "$key" "$key.pub"
   ssh-keygen -q -t ecdsa -b 384 -N "" -C "afl-flwr supernode-$i" -f "$key"
+  chmod 644 "$key.pub"
   echo "Created SuperNode key pair $key(.pub)"
 done
 

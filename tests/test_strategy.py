@@ -498,3 +498,19 @@ def test_real_sized_node_ids_are_selected():
 
     assert strategy.version == 8
     assert {m.metadata.dst_node_id for m in grid.train_messages()} == set(nodes)
+
+
+def test_superlink_unavailable_reply_counts_as_timeout():
+    # The SuperLink replies with NODE_UNAVAILABLE for a task whose node went away
+    def gone(node, message, params):
+        return Error(code=5, reason="Node unavailable")
+
+    grid = FakeGrid(replies={1: gone, 2: shift_by(1.0)}, delays={2: 2})
+    strategy = StalenessAwareAsyncStrategy(
+        concurrency=2, aggregation="immediate", poll_interval=0.0
+    )
+
+    run(strategy, grid, make_params(0), num_rounds=3)
+
+    statuses = {e.status for e in strategy.history.events if e.node_id == 1}
+    assert statuses == {TIMEOUT}

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Runbook: a real Flower deployment of afl_flwr on this machine (loopback only).
+#
+# Starts one SuperLink and N SuperNodes (SuperNode i serves partition-id i),
+# registers the nodes' public keys, writes the `flwr` CLI connection, runs the
+# app with `flwr run --stream`, and stops every process it started on exit
+# (also on Ctrl-C or an error). By default the SuperLink serves TLS and accepts
+# only registered SuperNodes (`--enable-supernode-auth`); `--insecure` runs
+# plain HTTP without node authentication.
+#
+# Usage (from the repository root, with the venv that has afl-flwr installed):
+#   . .venv/bin/activate
+#   docker/run-local-deployment.sh --data-dir /path/to/mnist [options]
+#
+# Options:
+#   --insecure               plain HTTP, no SuperNode authentication
+#   --nodes N                SuperNodes to start, = run-config num-clients (default 3)
+#   --port P                 SuperLink port: Fleet, Control and Runtime APIs (default 9100)
+#   --node-base-port P       SuperNode i serves its Runtime API on P+i (default 9200)
+#   --work-dir DIR           FLWR_HOMEs, certificates and logs (default: a new temp dir)
+#   --certs-dir DIR          TLS material and node keys (default: WORK_DIR/certs,
+#                            created with docker/generate-certs.sh)
+#   --app DIR                the Flower app to run (default: the repository root)
+#   --data-dir DIR           run-config data-dir (MNIST/CIFAR-10 IDX folder)
+#   --results-dir DIR        run-config results-dir (default: ./results)
+#   --run-config "k=v ..."   further run-config overrides (repeatable; keep
+#                            num-clients equal to --nodes)
+#   -h, --help               show this help
+#
+# Exit status: 0 when the run finished with status `finished:completed`.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+insecure=0
+nodes=3
+port=9100
+node_base_port=9200
+work_dir=""
+certs_dir=""
+app="$(dirname "$here")"
+data_dir=""
+results_dir="results"
+extra_config=()
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "error: $*" >&2; exit 2; }
+
+while (($#)); do
+  case "$1" in
+    --insecure) insecure=1 ;;
+    --nodes) nodes="${2:?}"; shift ;;
+    --port) port="${2:?}"; shift ;;
+    --node-base-port) node_base_port="${2:?}"; shift ;;
+    --work-dir) work_dir="${2:?}"; shift ;;
+    --certs-dir) certs_dir="${2:?}"; shift ;;
+    --app) app="${2:?}"; shift ;;
+    --data-dir) data_dir="${2:?}"; shift ;;
+    --results-dir) results_dir="${2:?}"; shift ;;
+    --run-config) extra_config+=("${2:?}"); shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
+for cmd in flwr flower-superlink flower-supernode flower-superexec python; do
+  command -v "$cmd" >/dev/null ||
+    die "'$cmd' is not on PATH: activate the venv where afl-flwr is installed"
+done
+
+# Absolute paths: the ServerApp runs in the SuperLink's working directory and
+# the flwr CLI requires an absolute root-certificates path.
+work_dir="$(realpath -m "${work_dir:-$(mktemp -d -t afl-flwr-deployment.XXXXXX)}")"
+certs_dir="$(realpath -m "${certs_dir:-$work_dir/certs}")"
+app="$(realpath "$app")"
+results_dir="$(realpath -m "$results_dir")"
+mkdir -p "$work_dir/logs" "$work_dir/flwr-home/cli"
+
+# Every Flower process gets its own FLWR_HOME (installed apps live there), no
+# update check; the SuperLink installs no per-run dependencies (the venv has them).
+export FLWR_DISABLE_UPDATE_CHECK=1
+# N SuperNodes share this machine's cores: one intra-op thread per ClientApp
+# avoids oversubscription (which slows PyTorch down several-fold).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+pids=()
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  if ((${#pids[@]})); then
+    echo "Stopping ${#pids[@]} process(es): ${pids[*]}"
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 50); do
+      alive=0
+      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      ((alive)) || break
+      sleep 0.2
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+  fi
+  echo "Logs: $work_dir/logs"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# $1: log name; rest: command. Runs in the background with its own FLWR_HOME.
+start() {
+  local name="$1"
+  shift
+  mkdir -p "$work_dir/flwr-home/$name"
+  echo "+ $*  > logs/$name.log"
+  FLWR_HOME="$work_dir/flwr-home/$name" "$@" >"$work_dir/logs/$name.log" 2>&1 &
+  pids+=("$!")
+}
+
+cli() { FLWR_HOME="$work_dir/flwr-home/cli" "$@"; }
+
+# $1: URL, $2: CA file ("" for plain HTTP), $3: PID of the server process.
+wait_healthy() {
+  python - "$@" <<'EOF'
+import os, ssl, sys, time, urllib.request
+url, ca, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+context = ssl.create_default_context(cafile=ca) if ca else None
+deadline = time.time() + 60
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            sys.exit(0 if response.status == 200 else 1)
+    except OSError as err:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit(f"the server process {pid} exited")
+        if time.time() > deadline:
+            sys.exit(f"{url} not healthy after 60 s: {err}")
+        time.sleep(0.3)
+EOF
+}
+
+online_nodes() {
+  cli flwr supernode list "$connection" --format json | python -c \
+    'import json,sys; print(sum(n["status"] == "online" for n in json.load(sys.stdin)["nodes"]))'
+}
+
+# 1. TLS material and node keys (idempotent).
+if ((insecure)); then
+  connection="afl-local"
+  link_tls=(--insecure)
+  node_tls=(--insecure)
+else
+  connection="afl-local-tls"
+  "$here/generate-certs.sh" "$certs_dir" "$nodes"
+  link_tls=(--ssl-ca-certfile "$certs_dir/ca.crt" --ssl-certfile "$certs_dir/server.pem"
+    --ssl-keyfile "$certs_dir/server.key" --enable-supernode-auth)
+  node_tls=(--root-certificates "$certs_dir/ca.crt")
+fi
+
+# 2. The flwr CLI connection, in a private FLWR_HOME.
+{
+  printf '[superlink]\ndefault = "%s"\n\n[superlink.%s]\naddress = "127.0.0.1:%s"\n' \
+    "$connection" "$connection" "$port"
+  if ((insecure)); then
+    printf 'insecure = true\n'
+  else
+    printf 'root-certificates = "%s"\n' "$certs_dir/ca.crt"
+  fi
+} >"$work_dir/flwr-home/cli/config.toml"
+echo "flwr CLI connection ($work_dir/flwr-home/cli/config.toml):"
+sed 's/^/    /' "$work_dir/flwr-home/cli/config.toml"
+
+# 3. SuperLink: one port for the Fleet, Control and Runtime APIs.
+start superlink flower-superlink "${link_tls[@]}" --host 127.0.0.1 --port "$port" \
+  --disable-runtime-dependency-installation
+if ((insecure)); then
+  url="http://127.0.0.1:$port/health" ca=""
+else
+  url="https://127.0.0.1:$port/health" ca="$certs_dir/ca.crt"
+fi
+wait_healthy "$url" "$ca" "${pids[0]}" || {
+  tail -n 20 "$work_dir/logs/superlink.log" >&2
+  die "the SuperLink did not start (log: $work_dir/logs/superlink.log)"
+}
+
+# 4. Register the SuperNodes' public keys (only registered nodes may connect).
+if ((!insecure)); then
+  for ((i = 0; i < nodes; i++)); do
+    echo "+ flwr supernode register $certs_dir/supernode-$i.pub $connection"
+    cli flwr supernode register "$certs_dir/supernode-$i.pub" "$connection"
+  done
+fi
+
+# 5. SuperNodes, each with its own Runtime API port and data partition.
+for ((i = 0; i < nodes; i++)); do
+  node_auth=()
+  ((insecure)) || node_auth=(--auth-supernode-private-key "$certs_dir/supernode-$i")
+  start "supernode-$i" flower-supernode "${node_tls[@]}" "${node_auth[@]}" \
+    --superlink "127.0.0.1:$port" --port "$((node_base_port + i))" \
+    --node-config "partition-id=$i num-partitions=$nodes" \
+    --max-retries 5 --max-wait-time 60
+done
+for _ in $(seq 60); do
+  online="$(online_nodes)"
+  ((online >= nodes)) && break
+  for ((i = 0; i < nodes; i++)); do
+    kill -0 "${pids[i + 1]}" 2>/dev/null || {
+      tail -n 20 "$work_dir/logs/supernode-$i.log" >&2
+      die "SuperNode $i exited (log: $work_dir/logs/supernode-$i.log)"
+    }
+  done
+  sleep 1
+done
+((online >= nodes)) || die "only $online of $nodes SuperNodes online after 60 s"
+echo "$online SuperNodes online"
+
+# 6. The run; `flwr run --stream` returns when the run ends, whatever its status.
+# Repeated --run-config options are merged, later ones win.
+run_config="num-clients=$nodes results-dir='$results_dir'"
+[[ -n "$data_dir" ]] && run_config+=" data-dir='$(realpath "$data_dir")'"
+run_args=(--run-config "$run_config")
+for overrides in "${extra_config[@]}"; do run_args+=(--run-config "$overrides"); done
+echo "+ flwr run $app $connection --stream$(printf ' %q' "${run_args[@]}")"
+cli flwr run "$app" "$connection" --stream "${run_args[@]}"
+
+status="$(cli flwr list "$connection" --format json | python -c \
+  'import json,sys; print(" ".join(r["status"] for r in json.load(sys.stdin)["runs"]))')"
+echo "Run status: $status"
+[[ "$status" == "finished:completed" ]]
