@@ -61,6 +61,7 @@ class AppConfig:
     staleness_b: float = 4.0
     max_staleness: int = 20
     selection: str = "without-replacement"
+    distinct_buffer: bool = True
     task_timeout: float = 600.0
     # Heterogeneous clients and the simulation clock.
     clock: str = "virtual"
@@ -171,6 +172,10 @@ class AppConfig:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert a TOML/CLI value to the field's type, refusing lossy conversions."""
+    if annotation in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
     if annotation in (float, "float") and isinstance(value, int | float):
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a number")

@@ -144,6 +144,7 @@ def make_async_strategy(
         staleness_b=cfg.staleness_b,
         max_staleness=cfg.max_staleness,
         selection=cfg.selection,
+        distinct_buffer=cfg.distinct_buffer,
         seed=cfg.seed,
         clock=clock,
         eval_every=cfg.eval_every,

@@ -147,6 +147,10 @@ class StalenessAwareAsyncStrategy(Strategy):
         ``checkpoint_path`` every this many versions; 0 disables it.
     checkpoint_path : str or Path, optional (default: None)
         Checkpoint file, written atomically (see :mod:`afl_flwr.checkpoint`).
+    distinct_buffer : bool (default: True)
+        Buffered mode: a node whose update waits in the buffer gets no new task
+        until the buffer is merged, so every merge holds K distinct clients, as a
+        FedAvg round does. False keeps every idle node eligible.
     weighted_by_key : str (default: "num-examples")
         Metric holding a client's example count ``n_i``.
     arrayrecord_key : str (default: "arrays")
@@ -183,6 +187,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         max_reply_bytes: int | None = None,
         checkpoint_every: int = 0,
         checkpoint_path: str | Path | None = None,
+        distinct_buffer: bool = True,
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
@@ -236,6 +241,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         self.max_time = max_time
         self.max_reply_bytes = max_reply_bytes
         self.checkpoint_every = checkpoint_every
+        self.distinct_buffer = distinct_buffer
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self._resume: tuple[Params, dict[str, Any]] | None = None
         self.weighted_by_key = weighted_by_key
@@ -483,6 +489,11 @@ class StalenessAwareAsyncStrategy(Strategy):
         """Fill free slots with fresh work for idle nodes."""
         all_nodes = sorted(self._known_nodes, key=self._sort_key)
         busy = {task.node_id for task in self._in_flight.values()}
+        if self.distinct_buffer:
+            # A node whose update waits in the buffer would train again from the
+            # same base on the same data: a near-duplicate update that doubles its
+            # label skew in the merge. It gets new work after the flush.
+            busy |= {b.event.node_id for b in self._buffer if b.event is not None}
         if len(all_nodes) < self.concurrency and not self._logged_capacity:
             log(
                 INFO,

@@ -128,6 +128,7 @@ def test_buffered_mode_delta_formula_with_stale_base():
         server_lr=0.5,
         staleness_fn="inverse",
         staleness_b=1.0,
+        distinct_buffer=False,  # the fast node fills the buffer twice on purpose
         poll_interval=0.0,
     )
 
@@ -514,3 +515,24 @@ def test_superlink_unavailable_reply_counts_as_timeout():
 
     statuses = {e.status for e in strategy.history.events if e.node_id == 1}
     assert statuses == {TIMEOUT}
+
+
+def test_distinct_buffer_holds_each_client_once_per_merge():
+    # Prepare: node 1 is fast; with K=2 it would fill a buffer on its own
+    grid = FakeGrid(
+        replies={n: shift_by(1.0) for n in (1, 2, 3)}, delays={1: 1, 2: 3, 3: 3}
+    )
+    strategy = StalenessAwareAsyncStrategy(
+        concurrency=2, buffer_size=2, poll_interval=0.0
+    )
+
+    # Execute
+    run(strategy, grid, make_params(0), num_rounds=6)
+
+    # Assert: every merged version holds two different clients
+    by_version: dict[int, list[int]] = {}
+    for event in strategy.history.events:
+        if event.merged_into is not None:
+            by_version.setdefault(event.merged_into, []).append(event.node_id)
+    assert len(by_version) == 6
+    assert all(len(set(nodes)) == len(nodes) == 2 for nodes in by_version.values())
