@@ -489,11 +489,12 @@ class StalenessAwareAsyncStrategy(Strategy):
         """Fill free slots with fresh work for idle nodes."""
         all_nodes = sorted(self._known_nodes, key=self._sort_key)
         busy = {task.node_id for task in self._in_flight.values()}
+        waiting: set[int] = set()
         if self.distinct_buffer:
             # A node whose update waits in the buffer would train again from the
             # same base on the same data: a near-duplicate update that doubles its
             # label skew in the merge. It gets new work after the flush.
-            busy |= {b.event.node_id for b in self._buffer if b.event is not None}
+            waiting = {b.event.node_id for b in self._buffer if b.event is not None}
         if len(all_nodes) < self.concurrency and not self._logged_capacity:
             log(
                 INFO,
@@ -505,7 +506,10 @@ class StalenessAwareAsyncStrategy(Strategy):
         messages: list[Message] = []
         tasks: list[_Task] = []
         while len(self._in_flight) + len(messages) < self.concurrency:
-            idle = [n for n in all_nodes if n not in busy]
+            idle = [n for n in all_nodes if n not in busy and n not in waiting]
+            if not idle and not self._in_flight and not messages:
+                # Fewer nodes than the buffer needs: allow repeats, never stall.
+                idle = [n for n in all_nodes if n not in busy]
             node = self.selector.select(all_nodes, idle)
             if node is None:
                 break

@@ -536,3 +536,14 @@ def test_distinct_buffer_holds_each_client_once_per_merge():
             by_version.setdefault(event.merged_into, []).append(event.node_id)
     assert len(by_version) == 6
     assert all(len(set(nodes)) == len(nodes) == 2 for nodes in by_version.values())
+
+
+def test_distinct_buffer_never_stalls_with_fewer_nodes_than_k():
+    grid = FakeGrid(replies={1: shift_by(1.0), 2: shift_by(1.0)})
+    strategy = StalenessAwareAsyncStrategy(
+        concurrency=2, buffer_size=3, max_time=10.0, poll_interval=0.0
+    )
+
+    run(strategy, grid, make_params(0), num_rounds=4)
+
+    assert strategy.version == 4
