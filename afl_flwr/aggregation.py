@@ -56,21 +56,27 @@ def mix_immediate(
                 x[...] = np.rint(mixed).astype(x.dtype)
 
 
-def buffered_update(
+def fedbuff_update(
     current: Mapping[str, np.ndarray],
     updates: Sequence[Mapping[str, np.ndarray]],
     bases: Sequence[Mapping[str, np.ndarray]],
-    weights: Sequence[float],
+    num_examples: Sequence[float],
+    scales: Sequence[float],
     server_lr: float = 1.0,
 ) -> Params:
-    """FedBuff-style merge of K buffered updates (the paper's weighted average).
+    """FedBuff's buffered merge with an absolute staleness penalty.
 
-    ``x <- x + eta_g * sum_i w_i (x_i - b_i) / sum_i w_i`` where ``b_i`` is the
-    global model client ``i`` started from and ``w_i = n_i s(tau_i)``.
+    ``x <- x + eta_g * sum_i n_i s(tau_i) (x_i - b_i) / sum_i n_i``, where ``b_i``
+    is the global model client ``i`` started from (Nguyen et al., AISTATS 2022,
+    Algorithm 1, which scales each delta by ``s(tau_i)`` and divides by ``K``;
+    here the ``1/K`` becomes FedAvg's example weights ``n_i / sum n``, equal to
+    ``1/K`` when clients hold equally many examples). The penalty is absolute: a
+    buffer whose updates are all stale moves the model less than a fresh one, and
+    with ``K = 1`` an update moves it by exactly ``eta_g s(tau)`` times its delta.
 
-    When every ``b_i`` *is* ``current`` (zero staleness) and ``eta_g = 1`` this is
-    exactly FedAvg's weighted average ``sum_i w_i x_i / sum_i w_i``, computed in
-    the same order as Flower's ``aggregate_arrayrecords``.
+    With every ``s_i = 1``, every ``b_i`` *being* ``current`` (zero staleness) and
+    ``eta_g = 1`` the result is bit-identical to Flower's FedAvg
+    (``aggregate_arrayrecords``): the same factors, summed in the same order.
 
     Parameters
     ----------
@@ -80,9 +86,11 @@ def buffered_update(
         Client models ``x_i``.
     bases : Sequence[Mapping[str, np.ndarray]]
         Global model each client started from; pass the same object for updates
-        that share a base (it is then subtracted once, with the summed weight).
-    weights : Sequence[float]
-        Non-negative weights ``w_i`` with a positive sum.
+        that share a base (it is then read once).
+    num_examples : Sequence[float]
+        Positive example counts ``n_i``.
+    scales : Sequence[float]
+        Staleness factors ``s(tau_i)`` in ``[0, 1]``.
     server_lr : float (default: 1.0)
         Server learning rate ``eta_g > 0``.
 
@@ -91,27 +99,53 @@ def buffered_update(
     Params
         The new global model (fresh arrays).
     """
-    if not len(updates) == len(bases) == len(weights) > 0:
+    if not len(updates) == len(bases) == len(num_examples) == len(scales) > 0:
+        raise ValueError(
+            f"need as many updates ({len(updates)}), bases ({len(bases)}), example "
+            f"counts ({len(num_examples)}) and scales ({len(scales)}), at least one"
+        )
+    total = float(sum(num_examples))
+    if not total > 0 or min(num_examples) <= 0:
+        raise ValueError(f"example counts must be > 0, got {list(num_examples)}")
+    if min(scales) < 0:
+        raise ValueError(f"staleness scales must be >= 0, got {list(scales)}")
+    fedavg = [n / total for n in num_examples]
+    if (
+        server_lr == 1.0
+        and all(s == 1.0 for s in scales)
+        and all(base is current for base in bases)
+    ):
+        return _cast_like(_weighted_sum(updates, fedavg), current)
+    factors = [f * s for f, s in zip(fedavg, scales, strict=True)]
+    return apply_deltas(current, updates, bases, factors, server_lr)
+
+
+def apply_deltas(
+    current: Mapping[str, np.ndarray],
+    updates: Sequence[Mapping[str, np.ndarray]],
+    bases: Sequence[Mapping[str, np.ndarray]],
+    factors: Sequence[float],
+    server_lr: float = 1.0,
+) -> Params:
+    """``x + eta * sum_i f_i (x_i - b_i)`` with the given factors (no normalising).
+
+    Fused multiply-adds, one pass per term; a base shared by several updates
+    (the same object) is read once with its summed factor. Integer arrays are
+    computed in float64 and rounded back to their dtype.
+    """
+    if not len(updates) == len(bases) == len(factors) > 0:
         raise ValueError(
             f"need as many updates ({len(updates)}), bases ({len(bases)}) and "
-            f"weights ({len(weights)}), at least one"
+            f"factors ({len(factors)}), at least one"
         )
-    total = float(sum(weights))
-    if total <= 0 or min(weights) < 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
-    factors = [w / total for w in weights]
-    if server_lr == 1.0 and all(base is current for base in bases):
-        return _cast_like(_weighted_sum(updates, factors), current)
-
-    # General case, with fused multiply-adds (one pass per term):
-    # x + eta * (sum_i f_i x_i - sum_v c_v b_v), grouping the base term by base
-    # object so a base shared by several updates is read once.
+    if not server_lr > 0:
+        raise ValueError(f"server_lr={server_lr} must be > 0")
     base_factor: dict[int, float] = {}
     base_by_id: dict[int, Mapping[str, np.ndarray]] = {}
     for base, factor in zip(bases, factors, strict=True):
         base_factor[id(base)] = base_factor.get(id(base), 0.0) + factor
         base_by_id[id(base)] = base
-    terms = [(u, f) for u, f in zip(updates, factors, strict=True)]
+    terms = list(zip(updates, factors, strict=True))
     terms += [(base_by_id[key], -c) for key, c in base_factor.items()]
     new: Params = {}
     with warnings.catch_warnings():
@@ -128,6 +162,49 @@ def buffered_update(
                 acc.add_(torch.from_numpy(np.asarray(params[name])), alpha=factor)
             torch.add(torch.from_numpy(x), acc, alpha=server_lr, out=acc)
             new[name] = acc.numpy()
+    return new
+
+
+def weighted_delta(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    bases: Sequence[Mapping[str, np.ndarray]],
+    factors: Sequence[float],
+) -> Params:
+    """Pseudo-gradient ``sum_i f_i (x_i - b_i)`` per array (a fresh ``Params``).
+
+    Floating-point arrays keep their dtype; integer arrays (counters such as
+    batch norm's ``num_batches_tracked``) come back as float64 deltas.
+    """
+    if not len(updates) == len(bases) == len(factors) > 0:
+        raise ValueError(
+            f"need as many updates ({len(updates)}), bases ({len(bases)}) and "
+            f"factors ({len(factors)}), at least one"
+        )
+    out: Params = {}
+    for name in updates[0]:
+        first = np.asarray(updates[0][name])
+        dtype = first.dtype if first.dtype.kind == "f" else np.dtype(np.float64)
+        acc = np.zeros(first.shape, dtype=dtype)
+        for update, base, factor in zip(updates, bases, factors, strict=True):
+            acc += factor * (
+                np.asarray(update[name], dtype) - np.asarray(base[name], dtype)
+            )
+        out[name] = acc
+    return out
+
+
+def add_scaled(
+    current: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], scale: float
+) -> Params:
+    """``x + scale * step`` per array, each array keeping ``x``'s dtype (rounded)."""
+    new: Params = {}
+    for name, x in current.items():
+        value = x + scale * np.asarray(step[name])
+        new[name] = (
+            value.astype(x.dtype)
+            if x.dtype.kind == "f"
+            else np.asarray(np.rint(value)).astype(x.dtype)
+        )
     return new
 
 

@@ -17,15 +17,29 @@ from afl_flwr.aggregation import Params
 
 STATE_KEY = "__state__"
 PARAM_PREFIX = "param/"
+EXTRA_PREFIX = "extra/"
 
 
-def save_checkpoint(path: Path, params: Mapping[str, np.ndarray], state: dict) -> None:
-    """Write ``params`` and the JSON-serialisable ``state`` atomically to ``path``."""
+def save_checkpoint(
+    path: Path,
+    params: Mapping[str, np.ndarray],
+    state: dict,
+    extra: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> None:
+    """Write ``params``, the JSON-serialisable ``state`` and ``extra`` arrays.
+
+    ``extra`` holds named groups of arrays a component keeps (an aggregator's
+    cache or moments); :func:`load_checkpoint` returns them in
+    ``state["extra_arrays"]``. The file is replaced atomically.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     arrays: dict[str, Any] = {
         f"{PARAM_PREFIX}{k}": np.asarray(v) for k, v in params.items()
     }
+    for group, named in (extra or {}).items():
+        for name, value in named.items():
+            arrays[f"{EXTRA_PREFIX}{group}/{name}"] = np.asarray(value)
     arrays[STATE_KEY] = np.array(json.dumps(state))
     with tmp.open("wb") as handle:
         np.savez(handle, **arrays)
@@ -55,5 +69,11 @@ def load_checkpoint(path: Path) -> tuple[Params, dict[str, Any]]:
             for k in data.files
             if k.startswith(PARAM_PREFIX)
         }
+        extra: dict[str, dict[str, np.ndarray]] = {}
+        for key in data.files:
+            if key.startswith(EXTRA_PREFIX):
+                group, name = key.removeprefix(EXTRA_PREFIX).split("/", 1)
+                extra.setdefault(group, {})[name] = np.array(data[key])
+    state["extra_arrays"] = extra
     order = state.get("param_order", list(params))
     return {k: params[k] for k in order}, state

@@ -75,6 +75,49 @@ class NodeProfile:
         )
 
 
+@dataclass(frozen=True)
+class TaskTiming:
+    """Simulated timing of one dispatched task.
+
+    Parameters
+    ----------
+    planned_steps : int
+        Optimizer steps of the full local job.
+    min_steps : int
+        Fewest steps the job can run (early stopping at its earliest).
+    step_s : float
+        Simulated seconds per step on this node (step time x speed factor).
+    delay : float
+        The task's network delay in seconds.
+    """
+
+    planned_steps: int
+    min_steps: int
+    step_s: float
+    delay: float
+
+    @property
+    def duration(self) -> float:
+        """Simulated seconds of the full job."""
+        return self.planned_steps * self.step_s + self.delay
+
+    @property
+    def min_duration(self) -> float:
+        """Lower bound of the simulated seconds (the job may stop early)."""
+        return self.min_steps * self.step_s + self.delay
+
+    def charged(self, steps: int | None) -> float:
+        """Seconds charged for a job that reported ``steps`` (None: planned).
+
+        The count is clamped to ``[min_steps, planned_steps]`` so a client that
+        reports something else under the same key cannot reorder the timeline.
+        """
+        if steps is None:
+            return self.duration
+        steps = min(max(steps, self.min_steps), self.planned_steps)
+        return steps * self.step_s + self.delay
+
+
 def speed_factors(
     num_clients: int,
     *,
@@ -147,6 +190,11 @@ class VirtualClock:
         Seed of the delay draws.
     query_timeout : float (default: 120.0)
         Seconds to wait for nodes to answer the profile query.
+    min_epochs : int, optional (default: None)
+        Fewest local epochs a job can run before early stopping ends it
+        (``patience + 1`` for the ClientApp's rule); ``None`` means every job runs
+        all ``local_epochs``. Replies are charged the steps they report, and this
+        lower bound lets the strategy merge them in simulated-finish order.
     """
 
     def __init__(
@@ -157,8 +205,12 @@ class VirtualClock:
         step_time_s: float,
         seed: int = 0,
         query_timeout: float = 120.0,
+        min_epochs: int | None = None,
     ) -> None:
+        if min_epochs is not None and not min_epochs >= 1:
+            raise ValueError(f"min_epochs={min_epochs} must be >= 1")
         self.local_epochs = local_epochs
+        self.min_epochs = min(min_epochs or local_epochs, local_epochs)
         self.batch_size = batch_size
         self.step_time_s = step_time_s
         self.seed = seed
@@ -215,8 +267,8 @@ class VirtualClock:
             profile.partition_id if profile and profile.partition_id >= 0 else node_id
         )
 
-    def next_duration(self, node_id: int) -> float:
-        """Simulated duration of the next task sent to ``node_id``.
+    def plan(self, node_id: int) -> TaskTiming:
+        """Timing of the next task sent to ``node_id``.
 
         Tasks are counted per client (partition id when known), so a resumed run
         whose nodes have new ids continues the same delay sequence.
@@ -225,11 +277,14 @@ class VirtualClock:
         index = self._tasks.get(key, 0)
         self._tasks[key] = index + 1
         profile = self.profiles.get(node_id) or NodeProfile(-1, self.batch_size)
-        return task_duration(
-            profile,
-            index,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            step_time_s=self.step_time_s,
-            seed=self.seed,
+        per_epoch = planned_steps(profile.num_examples, 1, self.batch_size)
+        return TaskTiming(
+            planned_steps=per_epoch * self.local_epochs,
+            min_steps=per_epoch * self.min_epochs,
+            step_s=self.step_time_s * profile.speed_factor,
+            delay=network_delay(profile, index, self.seed),
         )
+
+    def next_duration(self, node_id: int) -> float:
+        """Simulated duration of the next (full) task sent to ``node_id``."""
+        return self.plan(node_id).duration

@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from afl_flwr.aggregators import aggregation_names
 from afl_flwr.data import DATASETS
 from afl_flwr.models import MODELS
 from afl_flwr.selection import SELECTIONS
 from afl_flwr.staleness import STALENESS_FUNCTIONS
 
 MODES = ("async", "sync")
-AGGREGATIONS = ("buffered", "immediate")
 CLOCKS = ("virtual", "real", "none")
 
 
@@ -43,6 +43,8 @@ class AppConfig:
     clients_per_round: int = 5
     num_server_rounds: int = 40
     eval_every: int = 1
+    server_eval: bool = True
+    fraction_evaluate: float = 0.0
     seed: int = 42
     # Local training (the paper's client rule).
     local_epochs: int = 10
@@ -52,7 +54,7 @@ class AppConfig:
     patience: int = 10
     dirichlet_alpha: float = 0.5
     # Asynchronous aggregation.
-    aggregation: str = "buffered"
+    aggregation: str = "fedbuff"
     buffer_size: int = 0
     server_lr: float = 1.0
     mixing_rate: float = 0.5
@@ -63,6 +65,7 @@ class AppConfig:
     selection: str = "without-replacement"
     distinct_buffer: bool = True
     task_timeout: float = 600.0
+    max_consecutive_failures: int = 0
     # Heterogeneous clients and the simulation clock.
     clock: str = "virtual"
     speed_spread: float = 10.0
@@ -116,7 +119,7 @@ class AppConfig:
         _choice("mode", self.mode, MODES)
         _choice("dataset", self.dataset, sorted(DATASETS))
         _choice("model", self.model, sorted(MODELS))
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("aggregation", self.aggregation, aggregation_names())
         _choice("staleness-fn", self.staleness_fn, sorted(STALENESS_FUNCTIONS))
         _choice("selection", self.selection, sorted(SELECTIONS))
         _choice("clock", self.clock, CLOCKS)
@@ -142,6 +145,7 @@ class AppConfig:
             "max-delay-s",
             "step-time-s",
             "checkpoint-every",
+            "max-consecutive-failures",
         ):
             _non_negative(key, getattr(self, key.replace("-", "_")))
         if self.resume_from and self.mode != "async":
@@ -153,6 +157,16 @@ class AppConfig:
             raise ConfigError(
                 f"clients-per-round={self.clients_per_round} exceeds "
                 f"num-clients={self.num_clients}; allowed: 1..{self.num_clients}"
+            )
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(
+                f"fraction-evaluate={self.fraction_evaluate} is out of range; "
+                "allowed: [0, 1]"
+            )
+        if not self.server_eval and self.mode == "sync":
+            raise ConfigError(
+                "server-eval=false needs mode='async' (the FedAvg baseline is "
+                "compared on the central test set)"
             )
         if not 0.0 < self.mixing_rate <= 1.0:
             raise ConfigError(

@@ -62,7 +62,9 @@ class RunHistory:
 
     events: list[UpdateEvent] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
+    federated: list[EvalPoint] = field(default_factory=list)  # on the clients
     abandoned: int = 0  # tasks still in flight when the run stopped
+    stop_reason: str = ""  # why the run ended early ("" when it completed)
 
     def merged(self) -> list[UpdateEvent]:
         """Events whose update entered the global model."""
@@ -100,7 +102,9 @@ class RunHistory:
         return cls(
             events=[UpdateEvent(**e) for e in data.get("events", [])],
             evals=[EvalPoint(**p) for p in data.get("evals", [])],
+            federated=[EvalPoint(**p) for p in data.get("federated", [])],
             abandoned=int(data.get("abandoned", 0)),
+            stop_reason=str(data.get("stop_reason", "")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +112,8 @@ class RunHistory:
         return {
             "events": [asdict(e) for e in self.events],
             "evals": [asdict(p) for p in self.evals],
+            "federated": [asdict(p) for p in self.federated],
             "client_counts": {str(k): v for k, v in self.client_counts().items()},
             "abandoned": self.abandoned,
+            "stop_reason": self.stop_reason,
         }

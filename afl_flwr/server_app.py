@@ -26,7 +26,7 @@ from afl_flwr.config import AppConfig
 from afl_flwr.data import load_central_testset
 from afl_flwr.history import RunHistory
 from afl_flwr.results import TEST_ACC, TEST_LOSS, new_run_dir, write_results
-from afl_flwr.strategy import StalenessAwareAsyncStrategy
+from afl_flwr.strategy import RunAbortedError, StalenessAwareAsyncStrategy
 from afl_flwr.sync_baseline import ClockedFedAvg
 from afl_flwr.training import evaluate, get_device
 
@@ -73,10 +73,14 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     # Load the test set first: a bad data-dir fails here, before any training.
-    testset = load_central_testset(cfg.dataset, cfg.data_dir, cfg.num_test)
+    # A deployment without central data sets server-eval=false and evaluates on
+    # the clients (fraction-evaluate) instead.
+    evaluate_fn = None
+    if cfg.server_eval:
+        testset = load_central_testset(cfg.dataset, cfg.data_dir, cfg.num_test)
+        evaluate_fn = central_evaluation(cfg, testset)
     model = build_model(cfg)
     initial = ArrayRecord(model.state_dict())
-    evaluate_fn = central_evaluation(cfg, testset)
     wait_for_nodes(grid, cfg.num_clients)
     clock = (
         VirtualClock(
@@ -84,6 +88,8 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
             batch_size=cfg.batch_size,
             step_time_s=cfg.step_time_s,
             seed=cfg.seed,
+            # Early stopping ends a job after patience + 1 epochs at the earliest.
+            min_epochs=cfg.patience + 1,
         )
         if cfg.clock == "virtual"
         else None
@@ -108,14 +114,27 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
             min_evaluate_nodes=0,
             min_available_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),
         )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.task_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.task_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+        )
+    except RunAbortedError:
+        # Record what happened before failing the run.
+        assert isinstance(strategy, StalenessAwareAsyncStrategy)
+        model.load_state_dict(strategy.store.record().to_torch_state_dict())
+        path = write_results(
+            run_dir,
+            config=cfg.to_run_config(),
+            history=strategy.history,
+            state_dict=model.state_dict(),
+        )
+        log(WARNING, "Run aborted; what happened is recorded in %s", path.resolve())
+        raise
     model.load_state_dict(result.arrays.to_torch_state_dict())
     path = write_results(
         run_dir,
@@ -145,6 +164,8 @@ def make_async_strategy(
         max_staleness=cfg.max_staleness,
         selection=cfg.selection,
         distinct_buffer=cfg.distinct_buffer,
+        max_consecutive_failures=cfg.max_consecutive_failures or None,
+        fraction_evaluate=cfg.fraction_evaluate,
         seed=cfg.seed,
         clock=clock,
         eval_every=cfg.eval_every,

@@ -7,7 +7,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from afl_flwr.aggregation import buffered_update, mix_immediate, staleness
+from afl_flwr.aggregation import (
+    apply_deltas,
+    fedbuff_update,
+    mix_immediate,
+    staleness,
+    weighted_delta,
+)
 
 Params = dict[str, np.ndarray]
 SHAPES = {"conv.weight": (4, 3, 3), "conv.bias": (4,), "fc.weight": (2, 5)}
@@ -39,21 +45,27 @@ def _expected_buffered(
     current: Params,
     updates: list[Params],
     bases: list[Params],
-    weights: list[float],
+    num_examples: list[float],
     server_lr: float,
+    scales: list[float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``x + eta * sum_i w_i (x_i - b_i) / sum_i w_i`` in float64."""
+    """FedBuff: ``x + eta * sum_i n_i s_i (x_i - b_i) / sum_i n_i`` in float64."""
+    scales = [1.0] * len(updates) if scales is None else scales
+    total = float(sum(num_examples))
     out = {}
     for name, x in current.items():
-        deltas = np.stack(
-            [
-                u[name].astype(np.float64) - b[name].astype(np.float64)
-                for u, b in zip(updates, bases, strict=True)
-            ]
+        step = sum(
+            (n / total) * s * (u[name].astype(np.float64) - b[name].astype(np.float64))
+            for u, b, n, s in zip(updates, bases, num_examples, scales, strict=True)
         )
-        mean_delta = np.average(deltas, axis=0, weights=weights)
-        out[name] = x.astype(np.float64) + server_lr * mean_delta
+        out[name] = x.astype(np.float64) + server_lr * step
     return out
+
+
+def _merge(current, updates, bases, num_examples, server_lr=1.0, scales=None):
+    """FedBuff merge with no staleness penalty unless ``scales`` are given."""
+    scales = [1.0] * len(num_examples) if scales is None else scales
+    return fedbuff_update(current, updates, bases, num_examples, scales, server_lr)
 
 
 # --- staleness ----------------------------------------------------------------
@@ -158,7 +170,7 @@ def test_buffered_zero_staleness_equals_flower_fedavg_bit_for_bit(
     flower = aggregate_arrayrecords(records, "num-examples")
 
     # Execute
-    new = buffered_update(
+    new = _merge(
         current, updates, [current] * len(updates), num_examples, server_lr=1.0
     )
 
@@ -181,7 +193,7 @@ def test_buffered_general_case_matches_float64_formula(server_lr: float) -> None
     expected = _expected_buffered(current, updates, bases, weights, server_lr)
 
     # Execute
-    new = buffered_update(current, updates, bases, weights, server_lr=server_lr)
+    new = _merge(current, updates, bases, weights, server_lr=server_lr)
 
     # Assert
     assert sorted(new) == sorted(current)
@@ -198,7 +210,7 @@ def test_buffered_zero_staleness_with_server_lr_matches_formula() -> None:
     expected = _expected_buffered(current, updates, [current, current], weights, 0.5)
 
     # Execute
-    new = buffered_update(current, updates, [current, current], weights, 0.5)
+    new = _merge(current, updates, [current, current], weights, 0.5)
 
     # Assert
     for name, value in new.items():
@@ -221,8 +233,8 @@ def test_buffered_shared_bases_equal_distinct_copies(server_lr: float) -> None:
     ]
 
     # Execute
-    from_shared = buffered_update(current, updates, shared, weights, server_lr)
-    from_copies = buffered_update(current, updates, distinct, weights, server_lr)
+    from_shared = _merge(current, updates, shared, weights, server_lr)
+    from_copies = _merge(current, updates, distinct, weights, server_lr)
 
     # Assert
     for name in current:
@@ -239,8 +251,8 @@ def test_buffered_fast_path_equals_general_path() -> None:
     copies = [_deep_copy(current) for _ in updates]
 
     # Execute
-    fast = buffered_update(current, updates, [current] * 3, weights, 1.0)
-    general = buffered_update(current, updates, copies, weights, 1.0)
+    fast = _merge(current, updates, [current] * 3, weights, 1.0)
+    general = _merge(current, updates, copies, weights, 1.0)
 
     # Assert
     for name in current:
@@ -256,7 +268,7 @@ def test_buffered_does_not_modify_inputs() -> None:
 
     # Execute
     for bases, lr in (([current, current], 1.0), ([base, current], 0.5)):
-        new = buffered_update(current, updates, bases, [1.0, 2.0], lr)
+        new = _merge(current, updates, bases, [1.0, 2.0], lr)
         for name in current:
             assert not np.shares_memory(new[name], current[name])
 
@@ -276,7 +288,7 @@ def test_buffered_keeps_integer_dtype(server_lr: float) -> None:
     expected = 100 + server_lr * 15
 
     # Execute
-    new = buffered_update(current, updates, [base, base], [1.0, 1.0], server_lr)
+    new = _merge(current, updates, [base, base], [1.0, 1.0], server_lr)
 
     # Assert
     assert new[name].dtype == np.int64
@@ -298,7 +310,7 @@ def test_buffered_returns_ndarrays_for_zero_dim_params(server_lr: float) -> None
     ]
 
     # Execute
-    new = buffered_update(current, updates, [current], [1.0], server_lr)
+    new = _merge(current, updates, [current], [1.0], server_lr)
 
     # Assert
     for name, value in new.items():
@@ -329,15 +341,16 @@ def test_mix_immediate_zero_dim_arrays_in_place() -> None:
     assert float(scale) == pytest.approx(1.4, rel=1e-6)
 
 
-def test_buffered_zero_weight_update_is_ignored() -> None:
-    # Prepare
+def test_buffered_zero_scale_update_does_not_move_the_model() -> None:
+    # Prepare: the second update's staleness factor is 0; it still counts in
+    # sum n_i (the penalty is absolute), so the first moves x by half its delta.
     current = _params(0)
     base = _params(10)
     updates = [_params(1), _params(2)]
-    expected = _expected_buffered(current, updates[:1], [base], [1.0], 1.0)
+    expected = _expected_buffered(current, updates[:1], [base], [2.0], 1.0, [0.5])
 
     # Execute
-    new = buffered_update(current, updates, [base, base], [1.0, 0.0], 1.0)
+    new = _merge(current, updates, [base, base], [1.0, 1.0], 1.0, [1.0, 0.0])
 
     # Assert
     for name, value in new.items():
@@ -346,7 +359,7 @@ def test_buffered_zero_weight_update_is_ignored() -> None:
 
 @pytest.mark.parametrize(
     ("num_updates", "num_bases", "num_weights"),
-    [(2, 1, 2), (2, 2, 1), (1, 2, 2), (0, 0, 0)],
+    [(2, 1, 2), (2, 2, 1), (0, 0, 0)],
 )
 def test_buffered_rejects_mismatched_lengths(
     num_updates: int, num_bases: int, num_weights: int
@@ -359,15 +372,98 @@ def test_buffered_rejects_mismatched_lengths(
 
     # Execute / Assert
     with pytest.raises(ValueError, match="as many updates"):
-        buffered_update(current, updates, bases, weights)
+        _merge(current, updates, bases, weights)
 
 
 @pytest.mark.parametrize("weights", [[0.0, 0.0], [0, 0], [2.0, -1.0], [-1.0, -1.0]])
-def test_buffered_rejects_bad_weights(weights: list[float]) -> None:
+def test_buffered_rejects_bad_example_counts(weights: list[float]) -> None:
     # Prepare
     current = _params(0)
     updates = [_params(1), _params(2)]
 
     # Execute / Assert
-    with pytest.raises(ValueError, match="weights"):
-        buffered_update(current, updates, [current, current], weights)
+    with pytest.raises(ValueError, match="example counts"):
+        _merge(current, updates, [current, current], weights)
+
+
+def test_buffered_rejects_negative_scales() -> None:
+    current = _params(0)
+    with pytest.raises(ValueError, match="scales"):
+        _merge(current, [_params(1)], [current], [1.0], 1.0, [-0.5])
+
+
+# --- the absolute staleness penalty (FedBuff, Nguyen et al. 2022, Alg. 1) -----
+
+
+@pytest.mark.parametrize("tau_scale", [1.0, 0.5, 0.11, 0.0])
+def test_buffer_of_one_moves_by_exactly_s_tau_times_delta(tau_scale: float) -> None:
+    # Prepare: K = 1, delta = x_i - b (independent of the current model x).
+    current = _params(0)
+    base = _params(10)
+    update = _params(1)
+
+    # Execute
+    new = _merge(current, [update], [base], [37.0], 1.0, [tau_scale])
+
+    # Assert: x + s * (x_i - b), computed here in float64
+    for name, value in new.items():
+        expected = current[name].astype(np.float64) + tau_scale * (
+            update[name].astype(np.float64) - base[name].astype(np.float64)
+        )
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_buffer_sharing_one_staleness_takes_a_scaled_step() -> None:
+    # Prepare: every update equally stale -> the fresh step times s (no renormalising)
+    current = _params(0)
+    base = _params(10)
+    updates = [_params(1), _params(2), _params(3)]
+    n = [5.0, 20.0, 75.0]
+    fresh = _merge(current, updates, [base] * 3, n, 1.0, [1.0] * 3)
+
+    # Execute
+    stale = _merge(current, updates, [base] * 3, n, 1.0, [0.25] * 3)
+
+    # Assert: stale - x == 0.25 * (fresh - x)
+    for name in current:
+        x = current[name].astype(np.float64)
+        np.testing.assert_allclose(
+            stale[name] - x, 0.25 * (fresh[name] - x), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_mixed_buffer_matches_fedbuff_formula() -> None:
+    # Prepare: mixed staleness factors and bases.
+    current = _params(0)
+    bases = [_params(10), _params(11), current]
+    updates = [_params(1), _params(2), _params(3)]
+    n, scales = [10.0, 30.0, 60.0], [0.5, 1 / 3, 1.0]
+    expected = _expected_buffered(current, updates, bases, n, 0.8, scales)
+
+    # Execute
+    new = _merge(current, updates, bases, n, 0.8, scales)
+
+    # Assert
+    for name, value in new.items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_delta_and_apply_deltas_agree() -> None:
+    # Prepare
+    current = _params(0)
+    bases = [_params(10), _params(11)]
+    updates = [_params(1), _params(2)]
+    factors = [0.3, 0.2]
+
+    # Execute
+    delta = weighted_delta(updates, bases, factors)
+    applied = apply_deltas(current, updates, bases, factors, 0.5)
+
+    # Assert
+    for name, x in current.items():
+        expected = 0.3 * (updates[0][name].astype(np.float64) - bases[0][name])
+        expected += 0.2 * (updates[1][name].astype(np.float64) - bases[1][name])
+        np.testing.assert_allclose(delta[name], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            applied[name], x + 0.5 * expected, rtol=1e-5, atol=1e-6
+        )

@@ -1,6 +1,7 @@
 """The asynchronous strategy driven by a scripted fake Grid (no Ray, no network)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from afl_flwr import StalenessAwareAsyncStrategy, VirtualClock
+from afl_flwr.strategy import RunAbortedError
 from afl_flwr.clock import NodeProfile
 from afl_flwr.history import DROPPED, MERGED, REJECTED, TIMEOUT
 
@@ -144,8 +146,9 @@ def test_buffered_mode_delta_formula_with_stale_base():
         (2, 1, 2),
     ]
     # v1: two fresh node-1 deltas of +1, equal weights -> x0 + 0.5 * 1
-    # v2: node 1 delta +1 (w = 10), node 2 delta +2 from x0 (tau=1, w = 30/2 = 15)
-    delta_v2 = (10 * 1.0 + 15 * 2.0) / 25
+    # v2 (FedBuff): node 1 delta +1 (n = 10, s = 1), node 2 delta +2 from x0
+    # (n = 30, tau = 1, s = 1/2): sum n_i s_i delta_i / sum n_i
+    delta_v2 = (10 * 1.0 * 1.0 + 30 * 0.5 * 2.0) / (10 + 30)
     for name, value in final(result).items():
         expected = x0[name].astype(np.float64) + 0.5 * 1.0 + 0.5 * delta_v2
         np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6)
@@ -281,23 +284,25 @@ def _bad_replies():
 
 @pytest.mark.parametrize("kind", sorted(_bad_replies()))
 def test_bad_reply_is_rejected_and_model_unchanged(kind):
-    # Prepare: the only node misbehaves; a short time budget ends the run
+    # Prepare: the only node misbehaves; no time budget
     reply_fn, reason = _bad_replies()[kind]
     x0 = make_params(0)
     grid = FakeGrid(replies={1: reply_fn})
     strategy = StalenessAwareAsyncStrategy(
-        concurrency=1, aggregation="immediate", max_time=0.3, poll_interval=0.01
+        concurrency=1, aggregation="immediate", max_consecutive_failures=5
     )
 
-    # Execute
-    result = run(strategy, grid, x0, num_rounds=3)
+    # Execute: the run ends by itself, with an error naming the reason
+    with pytest.raises(RunAbortedError, match=re.escape(reason)):
+        run(strategy, grid, x0, num_rounds=3)
 
     # Assert: every reply rejected with the reason, global model bit-for-bit x0
     events = strategy.history.events
-    assert events and all(e.status == REJECTED for e in events)
+    assert [e.status for e in events] == [REJECTED] * 5
     assert reason in events[0].reason
     assert strategy.version == 0
-    for name, value in final(result).items():
+    assert reason in strategy.history.stop_reason
+    for name, value in strategy.store.params.items():
         np.testing.assert_array_equal(value, x0[name])
 
 
