@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import kill_group, run_bounded
 
+pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
+
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docker" / "run-local-deployment.sh"
 # Hard bound of one deployment (normally done in 60-150 s on two cores).

@@ -12,8 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_bounded
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
 
 THRESHOLD = 0.60
 TIMEOUT_S = 420

@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import kill_group, run_bounded
 
 from afl_flwr.launch import stop_processes, superlink_pids
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 
