@@ -113,6 +113,14 @@ class Aggregator(ABC):
         """Updates waiting for the next merge (none for immediate rules)."""
         return ()
 
+    def observe_population(self, num_clients: int) -> None:
+        """The number of clients in the federation, told before each merge.
+
+        Rules that average over every client (CA2FL's cache mean) read it; the
+        default ignores it.
+        """
+        return None
+
     def discard_pending(self) -> list[Update]:
         """Drop and return what waits (at the end of a run)."""
         return []

@@ -620,6 +620,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         self._events_pending.append((event, admitted))
         if not self.aggregator.add(update):
             return
+        self.aggregator.observe_population(len(self.scheduler.nodes))
         new = self.aggregator.merge(self.store.params)
         self.store.advance(new)
         merged, self._events_pending = self._events_pending, []
