@@ -102,6 +102,7 @@ def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
         alpha=cfg.lr_delay_alpha,
         tau=tau,
         patience=cfg.patience,
+        min_rel_delta=cfg.early_stop_delta,
         device=get_device(),
     )
     if cfg.clock == "real":

@@ -52,6 +52,7 @@ class AppConfig:
     learning_rate: float = 1e-3
     lr_delay_alpha: float = 0.01
     patience: int = 10
+    early_stop_delta: float = 0.0
     dirichlet_alpha: float = 0.5
     # Asynchronous aggregation.
     aggregation: str = "fedbuff"
@@ -157,6 +158,11 @@ class AppConfig:
             raise ConfigError(
                 f"clients-per-round={self.clients_per_round} exceeds "
                 f"num-clients={self.num_clients}; allowed: 1..{self.num_clients}"
+            )
+        if not 0.0 <= self.early_stop_delta < 1.0:
+            raise ConfigError(
+                f"early-stop-delta={self.early_stop_delta} is out of range; "
+                "allowed: [0, 1)"
             )
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(

@@ -33,21 +33,30 @@ class EarlyStopping:
     patience : int
         Epochs without improvement tolerated before stopping (``>= 1``).
     min_delta : float (default: 0.0)
-        Improvement smaller than this does not count.
+        Improvement smaller than this (absolute) does not count.
+    min_rel_delta : float (default: 0.0)
+        Improvement smaller than this fraction of the best loss does not count
+        (scale-free: 0.05 asks each epoch to cut the loss by 5%).
     """
 
     patience: int
     min_delta: float = 0.0
+    min_rel_delta: float = 0.0
     best: float = math.inf
     bad_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.patience < 1:
             raise ValueError(f"patience={self.patience} must be >= 1")
+        if not 0.0 <= self.min_rel_delta < 1.0:
+            raise ValueError(f"min_rel_delta={self.min_rel_delta} must be in [0, 1)")
 
     def step(self, loss: float) -> bool:
         """Record one epoch's loss; return True when training should stop."""
-        if loss < self.best - self.min_delta:
+        threshold = self.best - self.min_delta
+        if math.isfinite(self.best):
+            threshold = min(threshold, self.best * (1.0 - self.min_rel_delta))
+        if loss < threshold:
             self.best = loss
             self.bad_epochs = 0
         else:
@@ -75,6 +84,7 @@ def train_local(
     tau: float,
     patience: int,
     device: torch.device,
+    min_rel_delta: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place with the paper's local rule.
 
@@ -91,7 +101,7 @@ def train_local(
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr0)
     schedule = LambdaLR(optimizer, lambda e: delay_aware_lr(1.0, e, alpha, tau))
-    stopper = EarlyStopping(patience)
+    stopper = EarlyStopping(patience, min_rel_delta=min_rel_delta)
     criterion = nn.NLLLoss()
     losses: list[float] = []
     steps = 0
