@@ -1,7 +1,8 @@
 """Asynchronous aggregation rules, one module each, behind one registry.
 
 ``make_aggregator("fedbuff", settings)`` builds a registered rule; the aliases
-``buffered`` and ``immediate`` name FedBuff and FedAsync.
+``buffered`` and ``immediate`` name FedBuff and FedAsync. Registered: ``fedbuff``,
+``fedasync`` and ``ca2fl`` (cached update calibration).
 """
 
 from afl_flwr.aggregators.base import (
@@ -11,6 +12,7 @@ from afl_flwr.aggregators.base import (
     BufferedAggregator,
     Update,
 )
+from afl_flwr.aggregators.ca2fl import CA2FL
 from afl_flwr.aggregators.fedasync import FedAsync
 from afl_flwr.aggregators.fedbuff import FedBuff
 
@@ -31,6 +33,7 @@ def make_aggregator(name: str, settings: AggregatorSettings) -> Aggregator:
 __all__ = [
     "AGGREGATORS",
     "ALIASES",
+    "CA2FL",
     "Aggregator",
     "AggregatorSettings",
     "BufferedAggregator",

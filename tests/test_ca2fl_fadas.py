@@ -1,0 +1,185 @@
+"""CA2FL: the rule against a float64 re-implementation of its paper.
+
+The reference below is written from the update equations (ICLR 2024,
+Algorithm 2), on flattened float64 vectors, independently of the module.
+"""
+
+import numpy as np
+import pytest
+from conftest import make_params
+
+from afl_flwr.aggregation import Params
+from afl_flwr.aggregators import CA2FL, Update
+
+SHAPES = {"w": (3, 2), "b": (2,)}
+
+# A round is a list of (client, staleness, num_examples); clients repeat across
+# rounds and client 1 twice within round 2.
+ROUNDS = [
+    [(0, 0, 10.0), (1, 1, 20.0), (2, 0, 30.0)],
+    [(1, 4, 10.0), (3, 2, 40.0), (1, 0, 10.0)],
+    [(0, 3, 25.0), (4, 3, 5.0), (2, 1, 15.0)],
+    [(3, 0, 10.0), (3, 0, 10.0), (0, 0, 50.0)],
+]
+
+
+def _flat(params: Params) -> np.ndarray:
+    return np.concatenate([np.asarray(params[k], np.float64).ravel() for k in params])
+
+
+def _model(rng: np.random.Generator, scale: float = 1.0, shapes=SHAPES) -> Params:
+    return {
+        k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()
+    }
+
+
+def _make_rounds(
+    seed: int, rounds=ROUNDS, scale: float = 1.0, shapes=SHAPES
+) -> list[list[tuple[Update, np.ndarray]]]:
+    """Updates with their own (random) bases, and each one's float64 delta."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in rounds:
+        buffer = []
+        for client, tau, n in spec:
+            base = _model(rng, scale, shapes)
+            params = {
+                k: (v + 0.1 * scale * rng.normal(size=v.shape)).astype(np.float32)
+                for k, v in base.items()
+            }
+            update = Update(
+                client=client,
+                params=params,
+                base=base,
+                base_version=0,
+                staleness=tau,
+                num_examples=n,
+            )
+            buffer.append((update, _flat(params) - _flat(base)))
+        out.append(buffer)
+    return out
+
+
+def _run(rule, x: Params, rounds, population: int | None = None) -> Params:
+    for buffer in rounds:
+        dues = [rule.add(u) for u, _ in buffer]
+        assert dues[-1] and not any(dues[:-1])
+        if population is not None:
+            rule.observe_population(population)
+        x = rule.merge(x)
+    return x
+
+
+# ------------------------------------------------------------------- CA2FL
+def _ca2fl_reference(x0, rounds, eta: float, population: int) -> np.ndarray:
+    """Algorithm 2: v = h_t + (1/M) sum (D_j - h_t^j); x += eta v; refresh h."""
+    x = _flat(x0)
+    cache: dict[int, np.ndarray] = {}
+    h_mean = np.zeros_like(x)
+    for buffer in rounds:
+        snapshot = dict(cache)
+        calibration = [d - snapshot.get(u.client, 0.0) for u, d in buffer]
+        x = x + eta * (h_mean + np.mean(calibration, axis=0))
+        for u, d in buffer:  # in arrival order: the newest delta stays
+            cache[u.client] = d
+        h_mean = sum(cache.values()) / max(population, len(cache))
+    return x
+
+
+@pytest.mark.parametrize("population", [5, 8, 2])
+@pytest.mark.parametrize("server_lr", [1.0, 0.3])
+def test_ca2fl_matches_algorithm_2_over_several_merges(population, server_lr):
+    # Prepare: float32 cache (exact storage); N = 2 is below the 5 cached clients
+    rounds = _make_rounds(seed=1)
+    x0 = make_params(0)
+    rule = CA2FL(buffer_size=3, server_lr=server_lr, cache_dtype="float32")
+
+    # Execute
+    x = _run(rule, x0, rounds, population)
+
+    # Assert
+    expected = _ca2fl_reference(x0, rounds, server_lr, population)
+    np.testing.assert_allclose(_flat(x), expected, rtol=1e-5, atol=1e-6)
+    assert all(x[k].dtype == np.float32 for k in x)
+
+
+def test_ca2fl_first_merge_is_the_plain_buffer_mean_and_the_cache_holds_newest():
+    # Prepare
+    rounds = _make_rounds(seed=2)[:2]
+    x0 = make_params(0)
+    rule = CA2FL(buffer_size=3, cache_dtype="float32")
+
+    # Execute: round 1 (empty cache), then round 2 where client 1 comes twice
+    x1 = _run(rule, x0, rounds[:1], population=5)
+    _run(rule, x1, rounds[1:], population=5)
+
+    # Assert: x1 = x0 + mean delta; client 1's cache is its last delta of round 2
+    mean = np.mean([d for _, d in rounds[0]], axis=0)
+    np.testing.assert_allclose(_flat(x1), _flat(x0) + mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _flat(rule.cached(1)), rounds[1][2][1], rtol=1e-6, atol=1e-7
+    )
+    assert _flat(rule.cached(9)).tolist() == [0.0] * 8  # never seen: zero
+    assert rule.num_cached == 4
+
+
+def test_ca2fl_running_sum_equals_the_sum_of_the_stored_cache():
+    # Prepare: float16 cache, many merges with clients replaced over and over
+    spec = [[(c % 6, 0, 1.0) for c in range(r, r + 4)] for r in range(25)]
+    rounds = _make_rounds(seed=3, rounds=spec)
+    rule = CA2FL(buffer_size=4)
+
+    # Execute
+    _run(rule, make_params(0), rounds, population=6)
+
+    # Assert: the incremental sum is the sum of what is stored (dequantised)
+    fresh = sum(_flat(rule.cached(c)) for c in range(6))
+    np.testing.assert_allclose(_flat(rule.cache_sum()), fresh, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
+def test_ca2fl_float16_cache_stays_close_to_float32(scale):
+    # Prepare: 10 clients, a 1000-parameter model, 6 merges of K = 4
+    shapes = {"w": (40, 20), "b": (200,)}
+    rng = np.random.default_rng(7)
+    spec = [
+        [(int(c), 0, 1.0) for c in rng.choice(10, size=4, replace=False)]
+        for _ in range(6)
+    ]
+    rounds = _make_rounds(seed=4, rounds=spec, scale=scale, shapes=shapes)
+    x0 = _model(np.random.default_rng(5), scale, shapes)
+    results = {}
+
+    # Execute: the same updates through a float16 and a float32 cache
+    for dtype in ("float16", "float32"):
+        rule = CA2FL(buffer_size=4, cache_dtype=dtype)
+        results[dtype] = _flat(_run(rule, x0, rounds, population=10))
+
+    # Assert: relative to how far the model moved
+    moved = np.linalg.norm(results["float32"] - _flat(x0))
+    error = np.linalg.norm(results["float16"] - results["float32"]) / moved
+    print(f"scale {scale:g}: float16 cache relative error {error:.2e}")
+    assert error < 5e-4
+
+
+def test_ca2fl_integer_arrays_move_by_the_rounded_mean_delta():
+    # Prepare: a batch-norm counter beside a float array
+    x0 = {"n": np.array(100, np.int64), "w": np.zeros(2, np.float32)}
+    rule = CA2FL(buffer_size=2, server_lr=1.0)
+    for client, steps in ((0, 10), (1, 13)):
+        base = {"w": np.zeros(2, np.float32), "n": np.array(90, np.int64)}
+        params = {"w": np.ones(2, np.float32), "n": np.array(90 + steps, np.int64)}
+        rule.add(Update(client, params, base, 0, 0, 1.0))
+
+    # Execute
+    x1 = rule.merge(x0)
+
+    # Assert: 100 + rint((10 + 13) / 2) = 112, still int64; array order kept
+    assert list(x1) == ["n", "w"]
+    assert x1["n"].dtype == np.int64 and int(x1["n"]) == 112
+    np.testing.assert_allclose(x1["w"], [1.0, 1.0])
+
+
+def test_ca2fl_rejects_unknown_cache_dtype():
+    with pytest.raises(ValueError, match="allowed: float16, float32"):
+        CA2FL(cache_dtype="int8")
