@@ -1,7 +1,8 @@
-"""CA2FL: the rule against a float64 re-implementation of its paper.
+"""CA2FL and FADAS: each rule against a float64 re-implementation of its paper.
 
-The reference below is written from the update equations (ICLR 2024,
-Algorithm 2), on flattened float64 vectors, independently of the module.
+The references below are written from the update equations (CA2FL: ICLR 2024,
+Algorithm 2; FADAS: ICML 2024, Algorithm 1 with the official code's bias
+correction), on flattened float64 vectors, independently of the modules.
 """
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 from conftest import make_params
 
 from afl_flwr.aggregation import Params
-from afl_flwr.aggregators import CA2FL, Update
+from afl_flwr.aggregators import (
+    CA2FL,
+    FADAS,
+    AggregatorSettings,
+    Update,
+    make_aggregator,
+)
 
 SHAPES = {"w": (3, 2), "b": (2,)}
 
@@ -183,3 +190,126 @@ def test_ca2fl_integer_arrays_move_by_the_rounded_mean_delta():
 def test_ca2fl_rejects_unknown_cache_dtype():
     with pytest.raises(ValueError, match="allowed: float16, float32"):
         CA2FL(cache_dtype="int8")
+
+
+# ------------------------------------------------------------------- FADAS
+def _fadas_reference(
+    x0, rounds, *, eta, b1, b2, eps, tau_c, rule, bias, weighted
+) -> np.ndarray:
+    """AMSGrad on the buffer mean; eta_t by the paper's or the code's delay rule."""
+    x = _flat(x0)
+    m = np.zeros_like(x)
+    v = np.zeros_like(x)
+    v_hat = np.zeros_like(x)
+    for t, buffer in enumerate(rounds, start=1):
+        deltas = np.array([d for _, d in buffer])
+        ns = np.array([u.num_examples for u, _ in buffer])
+        mean = np.average(deltas, axis=0, weights=ns if weighted else None)
+        m = b1 * m + (1 - b1) * mean
+        v = b2 * v + (1 - b2) * mean**2
+        v_hat = np.maximum(v_hat, v)
+        tau_max = max(u.staleness for u, _ in buffer)
+        lr = eta
+        if tau_max > tau_c and rule == "paper":
+            lr = min(eta, 1 / tau_max)
+        elif tau_max > tau_c and rule == "code":
+            lr = eta / tau_max
+        if bias:
+            m_hat = m / (1 - b1**t)
+            x = x + lr * m_hat / (np.sqrt(v_hat / (1 - b2**t)) + eps)
+        else:
+            x = x + lr * m / (np.sqrt(v_hat) + eps)
+    return x
+
+
+@pytest.mark.parametrize("delay_rule", ["paper", "code", "none"])
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fadas_matches_amsgrad_with_delay_adaptive_rate(
+    delay_rule, bias_correction, weighted
+):
+    # Prepare: eta = 0.5 so that the paper's min(eta, 1/tau_max) bites at tau 3, 4
+    rounds = _make_rounds(seed=11)
+    x0 = make_params(0)
+    knobs = {"eta": 0.5, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "tau_c": 1}
+    rule = FADAS(
+        buffer_size=3,
+        eta=knobs["eta"],
+        beta1=knobs["b1"],
+        beta2=knobs["b2"],
+        eps=knobs["eps"],
+        tau_c=knobs["tau_c"],
+        delay_rule=delay_rule,
+        bias_correction=bias_correction,
+        weighted=weighted,
+    )
+
+    # Execute
+    x = _run(rule, x0, rounds)
+
+    # Assert
+    expected = _fadas_reference(
+        x0, rounds, **knobs, rule=delay_rule, bias=bias_correction, weighted=weighted
+    )
+    np.testing.assert_allclose(_flat(x), expected, rtol=1e-5, atol=1e-6)
+    assert rule.t == len(rounds)
+
+
+def test_fadas_delay_rules_differ_on_a_stale_buffer():
+    # Prepare: one buffer 4 versions stale, eta = 0.5 > 1/4
+    rounds = _make_rounds(seed=12, rounds=[[(0, 4, 1.0), (1, 2, 1.0)]])
+    x0 = make_params(0)
+    moved = {}
+
+    # Execute
+    for delay_rule in ("none", "paper", "code"):
+        rule = FADAS(buffer_size=2, eta=0.5, delay_rule=delay_rule)
+        moved[delay_rule] = _flat(_run(rule, x0, rounds)) - _flat(x0)
+
+    # Assert: the first bias-corrected AMSGrad step is lr * sign(mean delta)
+    sign = np.sign(np.mean([d for _, d in rounds[0]], axis=0))
+    for delay_rule, lr in (("none", 0.5), ("paper", 0.25), ("code", 0.125)):
+        np.testing.assert_allclose(moved[delay_rule], lr * sign, rtol=1e-5)
+
+
+def test_fadas_sets_integer_arrays_to_the_clients_average():
+    x0 = {"n": np.array(100, np.int64), "w": np.zeros(2, np.float32)}
+    rule = FADAS(buffer_size=2, eta=0.1)
+    for client, count in ((0, 110), (1, 113)):
+        base = {"w": np.zeros(2, np.float32), "n": np.array(90, np.int64)}
+        params = {"w": np.ones(2, np.float32), "n": np.array(count, np.int64)}
+        rule.add(Update(client, params, base, 0, 0, 1.0))
+
+    x1 = rule.merge(x0)
+
+    assert list(x1) == ["n", "w"]
+    assert x1["n"].dtype == np.int64 and int(x1["n"]) == 112  # rint(111.5)
+    np.testing.assert_allclose(x1["w"], [0.1, 0.1], rtol=1e-5)
+
+
+def test_fadas_takes_its_own_eta_unless_the_strategy_sets_server_lr():
+    default = make_aggregator("fadas", AggregatorSettings(buffer_size=4))
+    chosen = make_aggregator("fadas", AggregatorSettings(buffer_size=4, server_lr=0.05))
+
+    assert isinstance(default, FADAS) and isinstance(chosen, FADAS)
+    assert (default.buffer_size, default.eta) == (4, 1e-3)
+    assert chosen.eta == 0.05
+    assert (default.beta1, default.beta2, default.eps, default.tau_c) == (
+        0.9,
+        0.99,
+        1e-8,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"delay_rule": "fast"}, "allowed: paper, code, none"),
+        ({"beta2": 1.0}, "beta2"),
+        ({"eta": 0.0}, "eta"),
+    ],
+)
+def test_fadas_rejects_bad_knobs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FADAS(**kwargs)

@@ -2,7 +2,8 @@
 
 ``make_aggregator("fedbuff", settings)`` builds a registered rule; the aliases
 ``buffered`` and ``immediate`` name FedBuff and FedAsync. Registered: ``fedbuff``,
-``fedasync`` and ``ca2fl`` (cached update calibration).
+``fedasync``, ``ca2fl`` (cached update calibration) and ``fadas`` (AMSGrad server
+step with a delay-adaptive rate).
 """
 
 from afl_flwr.aggregators.base import (
@@ -13,6 +14,7 @@ from afl_flwr.aggregators.base import (
     Update,
 )
 from afl_flwr.aggregators.ca2fl import CA2FL
+from afl_flwr.aggregators.fadas import FADAS
 from afl_flwr.aggregators.fedasync import FedAsync
 from afl_flwr.aggregators.fedbuff import FedBuff
 
@@ -34,6 +36,7 @@ __all__ = [
     "AGGREGATORS",
     "ALIASES",
     "CA2FL",
+    "FADAS",
     "Aggregator",
     "AggregatorSettings",
     "BufferedAggregator",
