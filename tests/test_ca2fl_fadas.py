@@ -7,16 +7,21 @@ correction), on flattened float64 vectors, independently of the modules.
 
 import numpy as np
 import pytest
-from conftest import make_params
+from conftest import FakeGrid, make_params, shift_by, to_record
 
+from afl_flwr import StalenessAwareAsyncStrategy
 from afl_flwr.aggregation import Params
 from afl_flwr.aggregators import (
+    AGGREGATORS,
     CA2FL,
     FADAS,
     AggregatorSettings,
     Update,
+    aggregation_names,
     make_aggregator,
 )
+from afl_flwr.checkpoint import load_checkpoint, save_checkpoint
+from afl_flwr.config import AppConfig
 
 SHAPES = {"w": (3, 2), "b": (2,)}
 
@@ -313,3 +318,111 @@ def test_fadas_takes_its_own_eta_unless_the_strategy_sets_server_lr():
 def test_fadas_rejects_bad_knobs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FADAS(**kwargs)
+
+
+# ------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize(
+    "make_rule",
+    [
+        lambda: CA2FL(buffer_size=3, server_lr=0.7),
+        lambda: CA2FL(buffer_size=3, cache_dtype="float32"),
+        lambda: FADAS(buffer_size=3, eta=0.05, delay_rule="code"),
+    ],
+    ids=["ca2fl-float16", "ca2fl-float32", "fadas"],
+)
+def test_merging_after_a_checkpoint_round_trip_is_bit_identical(tmp_path, make_rule):
+    # Prepare: two merges, then a checkpoint written to and read from a file
+    rounds = _make_rounds(seed=21)
+    rule = make_rule()
+    x = _run(rule, make_params(0), rounds[:2], population=6)
+    arrays, meta = rule.state()
+    path = tmp_path / "ck.npz"
+    save_checkpoint(path, x, {"aggregator": meta, "param_order": list(x)}, arrays)
+    loaded, state = load_checkpoint(path)
+    restored = make_rule()
+    restored.load_state(state["extra_arrays"], state["aggregator"])
+
+    # Execute: the remaining merges, with and without the round trip
+    straight = _run(rule, x, rounds[2:], population=6)
+    resumed = _run(restored, loaded, rounds[2:], population=6)
+
+    # Assert
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+
+
+def test_ca2fl_checkpoint_holds_one_group_per_cached_client(tmp_path):
+    rule = CA2FL(buffer_size=3)
+    _run(rule, make_params(0), _make_rounds(seed=22)[:2], population=5)
+
+    arrays, meta = rule.state()
+
+    assert {g for g in arrays if g.startswith("cache-")} == {
+        f"cache-{c}" for c in (0, 1, 2, 3)
+    }
+    assert all("/" not in g for g in arrays)
+    assert meta["clients"] == [0, 1, 2, 3] and meta["mean_over"] == 5
+    assert arrays["cache-1"]["w"].dtype == np.float16
+    with pytest.raises(ValueError, match="float16"):
+        CA2FL(cache_dtype="float32").load_state(arrays, meta)
+
+
+# --------------------------------------------------- registry, config, loop
+def test_registered_and_accepted_by_the_run_config():
+    assert {"ca2fl", "fadas"} <= set(AGGREGATORS.names())
+    assert {"ca2fl", "fadas"} <= set(aggregation_names())
+    settings = AggregatorSettings(buffer_size=3, server_lr=0.5)
+    ca2fl = make_aggregator("ca2fl", settings)
+    assert isinstance(ca2fl, CA2FL)
+    assert (ca2fl.buffer_size, ca2fl.server_lr) == (3, 0.5)
+    for name in ("ca2fl", "fadas"):
+        assert AppConfig.from_run_config({"aggregation": name}).aggregation == name
+
+
+@pytest.mark.parametrize("aggregation", ["ca2fl", "fadas"])
+def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
+    tmp_path, aggregation
+):
+    # Prepare: 4 nodes pushing the model up by 0.01; node 1 slow
+    nodes = {n: shift_by(0.01) for n in (1, 2, 3, 4)}
+    delays = {1: 4, 2: 1, 3: 1, 4: 2}
+    path = tmp_path / "ck.npz"
+    first = StalenessAwareAsyncStrategy(
+        concurrency=3,
+        aggregation=aggregation,
+        server_lr=0.5,
+        checkpoint_every=2,
+        checkpoint_path=path,
+        poll_interval=0.0,
+    )
+
+    # Execute: 4 versions, then a new server resumes to version 6
+    result = first.start(
+        grid=FakeGrid(replies=nodes, delays=delays),
+        initial_arrays=to_record(make_params(0)),
+        num_rounds=4,
+    )
+    second = StalenessAwareAsyncStrategy(
+        concurrency=3, aggregation=aggregation, server_lr=0.5, poll_interval=0.0
+    )
+    assert second.resume_from(path) == 4
+    resumed = second.start(
+        grid=FakeGrid(replies=nodes, delays=delays),
+        initial_arrays=to_record(make_params(99)),
+        num_rounds=6,
+    )
+
+    # Assert: every version merged, the model moved up, the rule's state saved
+    assert first.version == 4 and second.version == 6
+    start = make_params(0)
+    after = {k: v.numpy() for k, v in result.arrays.items()}
+    final = {k: v.numpy() for k, v in resumed.arrays.items()}
+    assert all(np.all(after[k] > start[k]) for k in start)
+    assert all(np.all(final[k] > after[k]) for k in start)
+    _, state = load_checkpoint(path)
+    if aggregation == "ca2fl":
+        assert {f"cache-{n}" for n in nodes} <= set(state["extra_arrays"])
+        assert state["aggregator"]["mean_over"] == 4
+    else:
+        assert state["aggregator"]["t"] == 4
+        assert set(state["extra_arrays"]) == {"fadas-m", "fadas-v", "fadas-vhat"}
