@@ -1,7 +1,9 @@
 """Asynchronous aggregation rules, one module each, behind one registry.
 
 ``make_aggregator("fedbuff", settings)`` builds a registered rule; the aliases
-``buffered`` and ``immediate`` name FedBuff and FedAsync.
+``buffered`` and ``immediate`` name FedBuff and FedAsync. Registered: ``fedbuff``,
+``fedasync``, ``ca2fl`` (cached update calibration) and ``fadas`` (AMSGrad server
+step with a delay-adaptive rate).
 """
 
 from afl_flwr.aggregators.base import (
@@ -11,6 +13,8 @@ from afl_flwr.aggregators.base import (
     BufferedAggregator,
     Update,
 )
+from afl_flwr.aggregators.ca2fl import CA2FL
+from afl_flwr.aggregators.fadas import FADAS
 from afl_flwr.aggregators.fedasync import FedAsync
 from afl_flwr.aggregators.fedbuff import FedBuff
 
@@ -31,6 +35,8 @@ def make_aggregator(name: str, settings: AggregatorSettings) -> Aggregator:
 __all__ = [
     "AGGREGATORS",
     "ALIASES",
+    "CA2FL",
+    "FADAS",
     "Aggregator",
     "AggregatorSettings",
     "BufferedAggregator",
