@@ -9,14 +9,18 @@ of its slowest selected client, so AFL and SFL are compared on one clock.
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from afl_flwr.clock import VirtualClock
-from afl_flwr.constants import NUM_EXAMPLES, TASK_SEED, TRAIN_LOSS
-from afl_flwr.history import MERGED, REJECTED, EvalPoint, RunHistory, UpdateEvent
+from afl_flwr.clock import TaskTiming, VirtualClock
+from afl_flwr.constants import NUM_EXAMPLES, TASK_SEED
+from afl_flwr.history import MERGED, REJECTED, EvalPoint, RunHistory
+from afl_flwr.replies import TrainReply
+from afl_flwr.strategy.recorder import RunRecorder
+from afl_flwr.strategy.scheduler import reported_steps
 
 
 class ClockedFedAvg(FedAvg):
@@ -47,11 +51,20 @@ class ClockedFedAvg(FedAvg):
         self.clock = clock
         self.eval_every = eval_every
         self.seed = seed
-        self.history = RunHistory()
+        self.recorder = RunRecorder()
         self.sim_time = 0.0
         self._t0 = time.time()
-        self._round_time = 0.0
+        self._timings: dict[int, TaskTiming] = {}
         self._durations: dict[int, float] = {}
+
+    @property
+    def history(self) -> RunHistory:
+        """Everything the current (or last) run recorded."""
+        return self.recorder.history
+
+    @history.setter
+    def history(self, value: RunHistory) -> None:
+        self.recorder.history = value
 
     def _now(self) -> float:
         return self.sim_time if self.clock is not None else time.time() - self._t0
@@ -64,11 +77,10 @@ class ClockedFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.clock is not None:
             self.clock.register(grid, grid.get_node_ids())
-            self._durations = {
-                m.metadata.dst_node_id: self.clock.next_duration(m.metadata.dst_node_id)
+            self._timings = {
+                m.metadata.dst_node_id: self.clock.plan(m.metadata.dst_node_id)
                 for m in messages
             }
-            self._round_time = max(self._durations.values(), default=0.0)
         return messages
 
     def aggregate_train(
@@ -76,34 +88,44 @@ class ClockedFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's aggregation, recording every reply in the history."""
         replies = list(replies)
-        self.sim_time += self._round_time
+        # A round lasts as long as its slowest client, each charged the steps it
+        # reports (early stopping), as the asynchronous strategy charges them.
+        self._durations = {
+            reply.metadata.src_node_id: self._timings[
+                reply.metadata.src_node_id
+            ].charged(reported_steps(reply))
+            for reply in replies
+            if reply.metadata.src_node_id in self._timings
+        }
+        self.sim_time += max(self._durations.values(), default=0.0)
+        self._timings = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             client = self.clock.label(node) if self.clock is not None else node
-            event = UpdateEvent(
-                version=server_round - 1,
-                node_id=node,
-                client=client,
-                status=REJECTED,
-                base_version=server_round - 1,
-                staleness=0,
-                wall_time=time.time() - self._t0,
-                sim_time=self._now(),
-                sim_duration=self._durations.get(node, 0.0),
-            )
+            common: dict[str, Any] = {
+                "version": server_round - 1,
+                "node_id": node,
+                "client": client,
+                "base_version": server_round - 1,
+                "staleness": 0,
+                "wall_time": time.time() - self._t0,
+                "sim_time": self._now(),
+                "sim_duration": self._durations.get(node, 0.0),
+            }
             if reply.has_error():
-                event.reason = reply.error.reason or ""
-            else:
-                metrics = next(
-                    iter(reply.content.metric_records.values()), MetricRecord()
+                self.recorder.outcome(
+                    status=REJECTED, reason=reply.error.reason or "", **common
                 )
-                event.status = MERGED
-                event.merged_into = server_round
-                event.num_examples = float(metrics.get(NUM_EXAMPLES, 0.0))  # type: ignore[arg-type]
-                event.weight = event.num_examples
-                loss = metrics.get(TRAIN_LOSS)
-                event.train_loss = float(loss) if loss is not None else None  # type: ignore[arg-type]
-            self.history.events.append(event)
+                continue
+            metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+            examples = float(metrics.get(NUM_EXAMPLES, 0.0))  # type: ignore[arg-type]
+            self.recorder.outcome(
+                status=MERGED,
+                merged_into=server_round,
+                weight=examples,
+                reply=TrainReply(params={}, num_examples=examples, metrics=metrics),
+                **common,
+            )
         return super().aggregate_train(server_round, replies)
 
     # pylint: disable=too-many-arguments,too-many-positional-arguments

@@ -334,14 +334,12 @@ class ProgressLog(Hook):
         log(
             INFO,
             "[version %d/%d] merged %d update(s), staleness mean %.2f max %d | "
-            "busy %d/%d | sim %.1fs | wall %.1fs",
+            "sim %.1fs | wall %.1fs",
             run.store.version,
             run.num_rounds,
             len(merged),
             float(np.mean(taus)) if taus else 0.0,
             max(taus, default=0),
-            len(run.scheduler.in_flight),
-            run.scheduler.concurrency,
             run.scheduler.now(),
             run.scheduler.wall(),
         )

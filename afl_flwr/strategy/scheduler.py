@@ -344,7 +344,7 @@ class Scheduler:
         if task.timing is None:
             return task.sim_start
         reply = self._arrived.get(message_id)
-        return task.sim_start + task.timing.charged(_reported_steps(reply))
+        return task.sim_start + task.timing.charged(reported_steps(reply))
 
     def abandon(self) -> int:
         """Forget every task in flight (end of run); return how many there were."""
@@ -355,7 +355,7 @@ class Scheduler:
         return count
 
 
-def _reported_steps(reply: Message | None) -> int | None:
+def reported_steps(reply: Message | None) -> int | None:
     """The ``steps`` metric of a successful reply, if it reports one."""
     if reply is None or reply.has_error():
         return None

@@ -8,9 +8,7 @@ when to merge and computes the merge, the
 the hooks (:mod:`afl_flwr.strategy.hooks`) evaluate, checkpoint and log.
 """
 
-import io
 import time
-from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,10 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import (
     aggregate_metricrecords,
@@ -47,8 +43,6 @@ from afl_flwr.constants import BASE_VERSION, CLIENT_DELAY, SERVER_ROUND, TASK_SE
 from afl_flwr.history import (
     MERGED,
     PENDING,
-    REJECTED,
-    STATUSES,
     RunHistory,
     UpdateEvent,
 )
@@ -56,7 +50,6 @@ from afl_flwr.replies import (
     TrainReply,
     arrayrecord_to_params,
     model_spec,
-    params_to_arrayrecord,
 )
 from afl_flwr.selection import make_selector
 from afl_flwr.staleness import make_staleness_fn
@@ -73,7 +66,9 @@ from afl_flwr.strategy.hooks import (
     TimeBudget,
 )
 from afl_flwr.strategy.model_store import ModelStore
+from afl_flwr.strategy.recorder import RunRecorder, metric_content
 from afl_flwr.strategy.scheduler import Outcome, Scheduler
+from afl_flwr.strategy.sync_api import SynchronousInterface
 
 
 class RunAbortedError(RuntimeError):
@@ -85,7 +80,7 @@ class RunAbortedError(RuntimeError):
 
 
 # pylint: disable=too-many-instance-attributes
-class StalenessAwareAsyncStrategy(Strategy):
+class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
     """Asynchronous federated learning with staleness-aware aggregation.
 
     Keeps ``concurrency`` nodes busy; every reply is admitted as it arrives and
@@ -285,7 +280,7 @@ class StalenessAwareAsyncStrategy(Strategy):
             evaluate_metrics_aggr_fn or aggregate_metricrecords
         )
         self.poll_interval = poll_interval
-        self.history = RunHistory()
+        self.recorder = RunRecorder()
         self.store = ModelStore(keep_bases=self.aggregator.needs_base)
         self.scheduler = Scheduler(
             concurrency=concurrency, selector=self.selector, clock=clock
@@ -295,13 +290,18 @@ class StalenessAwareAsyncStrategy(Strategy):
         self._failures_in_row = 0
         self._last_failure = ""
         self._sync_round: int | None = None
+        self._sync_population = 0
         self._warned_sync = False
         self._events_pending: list[tuple[UpdateEvent, TrainReply]] = []
 
     @property
-    def version(self) -> int:
-        """The current global version."""
-        return self.store.version
+    def history(self) -> RunHistory:
+        """Everything the current (or last) run recorded."""
+        return self.recorder.history
+
+    @history.setter
+    def history(self, value: RunHistory) -> None:
+        self.recorder.history = value
 
     # ------------------------------------------------------------ checkpoints
     def resume_from(self, path: str | Path) -> int:
@@ -528,7 +528,14 @@ class StalenessAwareAsyncStrategy(Strategy):
                 self._sleep(max(self.poll_interval, 1.0))
                 continue
             for reply in scheduler.pull(run.grid):
-                self._reject_unknown(reply)
+                self.recorder.unknown_reply(
+                    version=self.version,
+                    node_id=reply.metadata.src_node_id,
+                    client=scheduler.label(reply.metadata.src_node_id),
+                    reply_to=reply.metadata.reply_to_message_id,
+                    wall=scheduler.wall(),
+                    sim=scheduler.now(),
+                )
             scheduler.expire(timeout)
             for hook in hooks:
                 hook.on_poll(run)
@@ -627,7 +634,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         for item, _ in merged:
             item.merged_into = self.version
         run.result.train_metrics_clientapp[self.version] = self.train_metrics_aggr_fn(
-            [_metric_content(r, self.weighted_by_key) for _, r in merged],
+            [metric_content(r, self.weighted_by_key) for _, r in merged],
             self.weighted_by_key,
         )
         for hook in hooks:
@@ -675,41 +682,19 @@ class StalenessAwareAsyncStrategy(Strategy):
         reply: TrainReply | None = None,
     ) -> UpdateEvent:
         task = outcome.task
-        event = UpdateEvent(
+        return self.recorder.outcome(
             version=self.version,
             node_id=task.node_id,
             client=self.scheduler.label(task.node_id),
             status=status,
             base_version=task.base_version,
-            staleness=staleness_,
-            weight=weight,
-            num_examples=reply.num_examples if reply else 0.0,
-            train_loss=_train_loss(reply) if reply else None,
             wall_time=self.scheduler.wall(),
             sim_time=outcome.sim_time,
-            reason=reason,
             sim_duration=outcome.sim_duration,
-        )
-        self.history.events.append(event)
-        return event
-
-    def _reject_unknown(self, reply: Message) -> None:
-        node = reply.metadata.src_node_id
-        reason = (
-            f"reply to unknown or already handled message "
-            f"'{reply.metadata.reply_to_message_id}'"
-        )
-        log(WARNING, "Rejected reply from node %s: %s", node, reason)
-        self.history.events.append(
-            UpdateEvent(
-                version=self.version,
-                node_id=node,
-                client=self.scheduler.label(node),
-                status=REJECTED,
-                wall_time=self.scheduler.wall(),
-                sim_time=self.scheduler.now(),
-                reason=reason,
-            )
+            staleness=staleness_,
+            weight=weight,
+            reason=reason,
+            reply=reply,
         )
 
     def _finish(self, run: RunView, hooks: list[Hook]) -> None:
@@ -727,183 +712,6 @@ class StalenessAwareAsyncStrategy(Strategy):
         for hook in hooks:
             hook.on_end(run)
         run.result.arrays = self.store.record()
-        self._log_final(run.result)
-
-    def _log_final(self, result: Result) -> None:
-        counts = dict.fromkeys(STATUSES, 0)
-        for event in self.history.events:
-            counts[event.status] += 1
-        taus = self.history.staleness_values()
-        log(
-            INFO,
-            "Finished: %d versions, updates %s, mean staleness %.2f (max %d), "
-            "sim %.1fs, wall %.1fs",
-            self.version,
-            counts,
-            float(np.mean(taus)) if taus else 0.0,
-            max(taus) if taus else 0,
-            self.scheduler.now(),
-            self.scheduler.wall(),
+        self.recorder.log_final(
+            self.version, self.scheduler.now(), self.scheduler.wall(), run.result
         )
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.strip("\n"))
-
-    # ------------------------------------------- Flower's synchronous interface
-    def _warn_synchronous(self, caller: str) -> None:
-        if not self._warned_sync:
-            self._warned_sync = True
-            log(
-                WARNING,
-                "%s: StalenessAwareAsyncStrategy is being driven by Flower's "
-                "synchronous round loop (a strategy wrapper such as Flower's "
-                "differential-privacy wrappers, or a custom workflow). Every round "
-                "waits for its slowest node and every update has staleness 0, so "
-                "this run is synchronous %s. Call start() on the strategy itself "
-                "for asynchronous training; use client-side mods (e.g. "
-                "fixedclipping_mod) to combine it with clipping or DP.",
-                caller,
-                self.aggregation,
-            )
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Select ``concurrency`` nodes and send them the global model.
-
-        For callers that drive this strategy through Flower's round loop; the
-        run is then synchronous (logged once).
-        """
-        self._warn_synchronous("configure_train")
-        self.store.reset(arrayrecord_to_params(arrays), server_round - 1)
-        self._sync_round = server_round
-        chosen = self._sample(grid)
-        config[SERVER_ROUND] = server_round
-        config[BASE_VERSION] = self.version
-        messages = []
-        for node in chosen:
-            node_config = ConfigRecord(dict(config))
-            node_config[CLIENT_DELAY] = self._last_staleness.get(node, 0)
-            record = RecordDict(
-                {self.arrayrecord_key: arrays, self.configrecord_key: node_config}
-            )
-            messages.append(
-                Message(record, dst_node_id=node, message_type=MessageType.TRAIN)
-            )
-        return messages
-
-    def _sample(self, grid: Grid) -> list[int]:
-        key = self.clock.sort_key if self.clock is not None else None
-        nodes = sorted(grid.get_node_ids(), key=key)
-        chosen: list[int] = []
-        while len(chosen) < self.concurrency:
-            node = self.selector.select(nodes, [n for n in nodes if n not in chosen])
-            if node is None:
-                break
-            chosen.append(node)
-        return chosen
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate one round's replies with the same aggregation rule.
-
-        Every reply started from this round's model (staleness 0), so the
-        staleness function has no effect here; buffered rules merge whatever
-        arrived, whatever ``K``.
-
-        Raises
-        ------
-        AggregationError
-            When called without a matching :meth:`configure_train`.
-        """
-        if self._sync_round != server_round:
-            raise AggregationError(
-                f"aggregate_train(server_round={server_round}) needs "
-                f"configure_train for that round first (last configured: "
-                f"{self._sync_round})"
-            )
-        self._sync_round = None
-        accepted: list[TrainReply] = []
-        current = self.store.params
-        for reply in replies:
-            admitted = admit(
-                reply,
-                staleness=0,
-                spec=self.store.spec,
-                timeout=0.0,
-                weighted_by_key=self.weighted_by_key,
-                max_bytes=self.max_reply_bytes,
-            )
-            node = reply.metadata.src_node_id
-            if isinstance(admitted, Refusal):
-                log(WARNING, "Node %s: %s (%s)", node, admitted.status, admitted.reason)
-                continue
-            self._last_staleness[node] = 0
-            accepted.append(admitted)
-            update = Update(
-                client=node,
-                params=admitted.params,
-                base=current,
-                base_version=server_round - 1,
-                staleness=0,
-                num_examples=admitted.num_examples,
-                metrics=admitted.metrics,
-            )
-            if self.aggregator.add(update):
-                current = self.aggregator.merge(current)
-        if not accepted:
-            return None, None
-        if self.aggregator.pending():
-            current = self.aggregator.merge(current)
-        metrics = self.train_metrics_aggr_fn(
-            [_metric_content(r, self.weighted_by_key) for r in accepted],
-            self.weighted_by_key,
-        )
-        return params_to_arrayrecord(current), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the global model to ``concurrency`` nodes for federated evaluation."""
-        config[SERVER_ROUND] = server_round
-        record = RecordDict(
-            {self.arrayrecord_key: arrays, self.configrecord_key: config}
-        )
-        return [
-            Message(record, dst_node_id=node, message_type=MessageType.EVALUATE)
-            for node in self._sample(grid)
-        ]
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Weighted average of the evaluation metrics of valid replies."""
-        contents = []
-        for reply in replies:
-            if reply.has_error() or len(reply.content.metric_records) != 1:
-                continue
-            metrics = next(iter(reply.content.metric_records.values()))
-            weight = metrics.get(self.weighted_by_key)
-            if isinstance(weight, int | float) and weight > 0:
-                contents.append(reply.content)
-        if not contents:
-            return None
-        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
-
-
-def _metric_content(reply: TrainReply, weighted_by_key: str) -> RecordDict:
-    """A RecordDict with just the reply's metrics, for Flower's metric aggregation."""
-    metrics = MetricRecord(
-        {
-            k: v
-            for k, v in reply.metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    )
-    metrics[weighted_by_key] = reply.num_examples
-    return RecordDict({"metrics": metrics})
-
-
-def _train_loss(reply: TrainReply) -> float | None:
-    value = reply.metrics.get("train-loss")
-    return float(value) if isinstance(value, int | float) else None
