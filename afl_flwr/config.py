@@ -27,32 +27,36 @@ class ConfigError(ValueError):
 class AppConfig:
     """Every tunable of the app; field ``foo_bar`` is run-config key ``foo-bar``.
 
-    Defaults follow the paper (10 clients, 5 per round, 10 local epochs, batch 64,
-    Adam lr 1e-3, delay alpha 0.01, patience 10, Dirichlet alpha 0.5). The README's
-    configuration table documents each key.
+    The defaults are a run that reaches >= 97% MNIST test accuracy within a few
+    minutes on 2 CPU cores: the paper's federation (10 clients, 5 kept busy,
+    batch 64, Adam lr 1e-3, delay alpha 0.01, Dirichlet alpha 0.5) with the small
+    CNN, 3 local epochs and early stopping that can act (patience 1, an epoch
+    must cut the train loss by 20%). The paper's exact settings (paper CNN, 10
+    local epochs, patience 10, 40 versions) ship as ``presets/paper-mnist.toml``.
+    The README's configuration table documents each key.
     """
 
     # What to train.
     mode: str = "async"
     dataset: str = "mnist"
-    model: str = "paper-cnn"
+    model: str = "small-cnn"
     data_dir: str = ""
     num_test: int = 2000
     # Federation and schedule.
     num_clients: int = 10
     clients_per_round: int = 5
-    num_server_rounds: int = 40
-    eval_every: int = 1
+    num_server_rounds: int = 30
+    eval_every: int = 2
     server_eval: bool = True
     fraction_evaluate: float = 0.0
     seed: int = 42
     # Local training (the paper's client rule).
-    local_epochs: int = 10
+    local_epochs: int = 3
     batch_size: int = 64
     learning_rate: float = 1e-3
     lr_delay_alpha: float = 0.01
-    patience: int = 10
-    early_stop_delta: float = 0.0
+    patience: int = 1
+    early_stop_delta: float = 0.2
     dirichlet_alpha: float = 0.5
     # Asynchronous aggregation.
     aggregation: str = "fedbuff"

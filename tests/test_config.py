@@ -22,26 +22,30 @@ def _error_message(run_config: dict[str, Any]) -> str:
     return str(excinfo.value)
 
 
-def test_empty_run_config_gives_paper_defaults() -> None:
+def test_empty_run_config_gives_the_quick_defaults() -> None:
     # Prepare
     run_config: dict[str, Any] = {}
 
     # Execute
     config = AppConfig.from_run_config(run_config)
 
-    # Assert: the paper's setup, written out independently of the dataclass.
+    # Assert: the paper's federation with the quick model and an early stopping
+    # that can fire (patience + 1 < local epochs), written out independently.
     assert config == AppConfig()
     assert config.mode == "async"
     assert config.dataset == "mnist"
-    assert config.model == "paper-cnn"
+    assert config.model == "small-cnn"
     assert config.num_clients == 10
     assert config.clients_per_round == 5
-    assert config.local_epochs == 10
+    assert config.local_epochs == 3
     assert config.batch_size == 64
     assert config.learning_rate == 1e-3
     assert config.lr_delay_alpha == 0.01
-    assert config.patience == 10
+    assert config.patience == 1
+    assert config.early_stop_delta == 0.2
+    assert config.patience + 1 < config.local_epochs
     assert config.dirichlet_alpha == 0.5
+    assert config.aggregation == "fedbuff"
 
 
 def test_kebab_case_keys_set_fields() -> None:
