@@ -351,7 +351,8 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         self.store.reset(
             {k: np.array(v) for k, v in params.items()}, int(state["version"])
         )
-        self.scheduler.set_state(state["scheduler"])
+        # First-release checkpoints kept the scheduler's fields at the top level.
+        self.scheduler.set_state(state.get("scheduler") or state)
         self.aggregator.load_state(
             state.get("extra_arrays", {}), state.get("aggregator", {})
         )
