@@ -13,6 +13,12 @@ This module checks both closed forms against Monte-Carlo draws made by the
 project's real selectors. Run it as::
 
     python -m afl_flwr.experiments.sampling --out results/sampling
+
+It then asks the same question through the server's own path
+(:func:`server_path_study`): the real strategy picks among *idle* nodes while
+others are busy, so what the closed forms assume (a fresh draw of ``m`` from all
+``N``) holds only in some regimes. ``python -m afl_flwr.experiments sampling``
+runs both, plus the accuracy effect (:mod:`afl_flwr.experiments.sampling_accuracy`).
 """
 
 import argparse
