@@ -5,12 +5,14 @@ server rate 1, so each merge moves the model by the mean of the merged ``g_i``.
 Expected values are computed here from the population, not by the study's code.
 """
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
 from afl_flwr.experiments.sampling import (
+    relabelled_variance,
     run_server_path,
     server_path_measures,
     write_server_path_report,
@@ -67,6 +69,30 @@ def equal_delays(updates) -> dict[tuple[str, int], tuple[float, float, list]]:
         for selection in (WITH, WITHOUT)
         for concurrency in (M, 1)
     }
+
+
+@pytest.mark.parametrize("multiplicities", [(1, 1, 1), (2, 1), (3,), (2, 2, 1)])
+def test_relabelled_variance_matches_enumeration(updates, multiplicities):
+    # Prepare: every assignment of distinct clients to the merge's members
+    gbar = updates.mean(axis=0)
+    m = sum(multiplicities)
+    errors = [
+        np.sum(
+            (
+                sum(c * updates[i] for c, i in zip(multiplicities, chosen, strict=True))
+                / m
+                - gbar
+            )
+            ** 2
+        )
+        for chosen in itertools.permutations(range(N), len(multiplicities))
+    ]
+
+    # Execute
+    value = relabelled_variance(_sigma2(updates), N, multiplicities)
+
+    # Assert
+    assert value == pytest.approx(np.mean(errors), rel=1e-10)
 
 
 def test_each_merge_moves_the_model_by_the_mean_of_its_updates(updates, equal_delays):
