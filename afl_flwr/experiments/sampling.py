@@ -430,7 +430,7 @@ def server_path_measures(updates: np.ndarray, run: ServerPathRun) -> dict[str, f
                     relabelled_variance(
                         population_variance(updates),
                         num_clients,
-                        np.unique(clients, return_counts=True)[1],
+                        np.unique(clients, return_counts=True)[1].tolist(),
                     )
                     for clients in run.merged_clients
                 ]
