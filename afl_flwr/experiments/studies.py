@@ -157,11 +157,61 @@ def staleness_fns(out: Path, base: dict[str, Any], target: float) -> dict[str, A
     return _write_comparison(out, "staleness_fns", runs, target)
 
 
-def sampling(out: Path, base: dict[str, Any], target: float) -> dict[str, Any]:
-    """Variance of the aggregated update, with vs without replacement."""
-    from afl_flwr.experiments.sampling import run_sampling_variance
+# Keys of the sampling study itself, removed from the run config it passes on.
+SAMPLING_KEYS: dict[str, Any] = {
+    "sampling-seeds": 5,  # seeds of the server-path variance runs
+    "sampling-merges": 400,  # merges per variance run
+    "accuracy-seeds": 3,  # seeds of the MNIST runs per selection; 0 skips them
+}
 
-    return run_sampling_variance(out)
+
+def sampling(out: Path, base: dict[str, Any], target: float) -> dict[str, Any]:
+    """Variance of the aggregated update, with vs without replacement.
+
+    First the selectors against the closed forms (``sampling_variance.*``), then
+    the same question through the server's own path (``sampling_server_path.*``):
+    the real strategy on a scripted Grid in three regimes, and the accuracy
+    effect on MNIST with the real ClientApp in-process. Overrides given with
+    ``--run-config`` apply to the MNIST runs, over
+    :data:`~afl_flwr.experiments.sampling_accuracy.ACCURACY_CONFIG`.
+    """
+    from afl_flwr.experiments.sampling import (
+        WITH_REPLACEMENT,
+        WITHOUT_REPLACEMENT,
+        run_sampling_variance,
+        server_path_study,
+        synthetic_population,
+        write_server_path_report,
+    )
+    from afl_flwr.experiments.sampling_accuracy import ACCURACY_CONFIG, accuracy_study
+
+    settings = {k: int(base.pop(k, v)) for k, v in SAMPLING_KEYS.items()}
+    run_sampling_variance(out)
+    num_clients, dim, m = 20, 10, 5
+    updates = synthetic_population(num_clients, dim, seed=0)
+    rows = server_path_study(
+        updates,
+        m=m,
+        merges=settings["sampling-merges"],
+        seeds=range(settings["sampling-seeds"]),
+    )
+    overrides = {k: v for k, v in base.items() if BASE_CONFIG.get(k) != v}
+    run_config = {**ACCURACY_CONFIG, **overrides}
+    runs = accuracy_study(
+        run_config,
+        (WITH_REPLACEMENT, WITHOUT_REPLACEMENT),
+        range(settings["accuracy-seeds"]),
+    )
+    config = {
+        **settings,
+        "num_clients": num_clients,
+        "dim": dim,
+        "m": m,
+        "accuracy_run_config": run_config,
+    }
+    result = write_server_path_report(out, rows, [vars(r) for r in runs], config)
+    print((out / "sampling_server_path.md").read_text())
+    return result
 
 
 def COMPARISON_HEADER(target: float) -> list[str]:  # noqa: N802 - a table header
