@@ -1,6 +1,6 @@
 """``afl-flwr``: run the app with ``flwr run`` and the right simulated federation.
 
-Flower (1.41 and later) keeps federation settings (number of SuperNodes, client
+Flower (1.40 and later) keeps federation settings (number of SuperNodes, client
 resources) out of ``pyproject.toml``; by default a local simulation has 2
 SuperNodes with 2 CPUs each and no GPU. ``afl-flwr run`` derives them from the run
 config instead, so the federation always has ``num-clients`` SuperNodes, and wraps
