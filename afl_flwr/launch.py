@@ -1,18 +1,21 @@
 """``afl-flwr``: run the app with ``flwr run`` and the right simulated federation.
 
-Flower 1.41 keeps federation settings (number of SuperNodes, client resources)
-out of ``pyproject.toml``; by default a local simulation has 2 SuperNodes with 2
-CPUs each. ``afl-flwr run`` derives them from the run config instead, so the
-federation always has ``num-clients`` SuperNodes, and wraps ``flwr run``::
+Flower (1.40 and later) keeps federation settings (number of SuperNodes, client
+resources) out of ``pyproject.toml``; by default a local simulation has 2
+SuperNodes with 2 CPUs each and no GPU. ``afl-flwr run`` derives them from the run
+config instead, so the federation always has ``num-clients`` SuperNodes, and wraps
+``flwr run``::
 
     flwr run <app> local --stream --run-config "..." --federation-config
         "num-supernodes=<num-clients> client-resources-num-cpus=<c>
          client-resources-num-gpus=<g>"
 
 with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (the app's dependencies,
-torch included, are already installed: without it the local SuperLink would
-install them again into a fresh environment for every run). A local SuperLink
-that this command had to start is stopped again when the run ends.
+torch included, are already installed: without it the local SuperLink installs
+them again into a fresh environment for every run). ``--run-config`` takes
+``key=value`` strings and Flower run-config TOML files (``presets/*.toml``), in
+any number and order; later values win. A local SuperLink that this command had
+to start is stopped again when the run ends.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from click import ClickException
 from flwr.common.config import parse_config_args
 
 from afl_flwr.config import AppConfig, ConfigError
@@ -60,6 +64,28 @@ def to_run_config_arg(overrides: dict[str, Any]) -> str:
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
+
+
+def read_run_config(values: Sequence[str] | None) -> dict[str, Any]:
+    """Merge ``--run-config`` values: TOML files and ``key=value`` strings, in order.
+
+    Each value is parsed as ``flwr run --run-config`` parses it (a path ending in
+    ``.toml`` is read as a run-config file), so a preset file means the same here
+    as with ``flwr run``; unlike ``flwr run``, files and overrides may be mixed and
+    later values override earlier ones.
+
+    Raises
+    ------
+    ConfigError
+        If a file cannot be read or a value is not valid run-config syntax.
+    """
+    merged: dict[str, Any] = {}
+    for value in values or []:
+        try:
+            merged.update(parse_config_args([value]))
+        except (OSError, ValueError, ClickException) as err:
+            raise ConfigError(f"--run-config {value!r}: {err}") from err
+    return merged
 
 
 def build_command(
@@ -106,7 +132,8 @@ def run(argv: Sequence[str]) -> int:
         "--run-config",
         action="append",
         default=None,
-        help="run-config overrides, e.g. \"data-dir='../shared/data/mnist'\"",
+        help="run-config overrides (\"data-dir='../shared/data/mnist'\") or a "
+        "run-config TOML file (presets/quick-cpu.toml); repeatable, later wins",
     )
     parser.add_argument("--client-cpus", type=int, default=1)
     parser.add_argument(
@@ -122,7 +149,7 @@ def run(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     try:
-        overrides = parse_config_args(args.run_config)
+        overrides = read_run_config(args.run_config)
         cfg = AppConfig.from_run_config(overrides)
         if "results-dir" not in overrides:
             overrides["results-dir"] = cfg.results_dir
@@ -133,7 +160,7 @@ def run(argv: Sequence[str]) -> int:
             overrides["data-dir"] = str(Path(cfg.data_dir).resolve())
         gpus = args.client_gpus
         if gpus is None:
-            gpus = _default_gpu_fraction(cfg)
+            gpus = default_gpu_fraction(cfg)
         federation = federation_config(cfg, args.client_cpus, gpus)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -202,7 +229,12 @@ def _experiment(argv: Sequence[str]) -> int:
     return experiments_main(list(argv))
 
 
-def _default_gpu_fraction(cfg: AppConfig) -> float:
+def default_gpu_fraction(cfg: AppConfig) -> float:
+    """GPU share per client: ``1/clients-per-round`` with CUDA, else 0.
+
+    With this share the clients kept busy at once fit on one GPU together; Ray
+    hides the GPU from a client that asks for none, so 0 means CPU training.
+    """
     import torch
 
     if not torch.cuda.is_available():

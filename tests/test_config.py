@@ -1,11 +1,11 @@
 """Tests for the run config: defaults, kebab-case keys, types, ranges, drift."""
 
 import dataclasses
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
 from afl_flwr.config import AppConfig, ConfigError
 from afl_flwr.data import DATASETS

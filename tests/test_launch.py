@@ -1,0 +1,142 @@
+"""``afl-flwr run`` without starting anything: the ``flwr run`` command it builds.
+
+``flwr run`` itself is replaced by a recorder, so these tests check the run
+config and the federation (SuperNodes, CPU and GPU share per client) handed to
+Flower's simulation, with CUDA mocked available or not.
+"""
+
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from flwr.cli.run.run import _parse_federation_config_overrides
+from flwr.cli.typing import SuperLinkConnection
+from flwr.common.config import parse_config_args
+from flwr.simulation.app import _run_simulation_settings
+
+from afl_flwr import launch
+from afl_flwr.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record the ``flwr run`` command instead of running it; find no SuperLink."""
+    commands: list[list[str]] = []
+
+    def fake_run(command: list[str], **_: Any) -> "subprocess.CompletedProcess[str]":
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(launch.shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.setattr(launch, "superlink_pids", lambda port: [])
+    return commands
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def client_resources(command: list[str]) -> tuple[int, dict[str, float]]:
+    """SuperNodes and per-client resources Flower's simulation hands to Ray.
+
+    Parsed by Flower's own (private) functions: ``flwr run``'s parsing of
+    ``--federation-config`` and the simulation process's reading of the result.
+    """
+    sim = _parse_federation_config_overrides(
+        [option(command, "--federation-config")],
+        SuperLinkConnection(name="local", address=":local:"),
+    )
+    num_supernodes, _, backend_config, _, _ = _run_simulation_settings(sim)
+    return num_supernodes, dict(backend_config["client_resources"])
+
+
+@pytest.mark.parametrize(
+    ("cuda", "clients_per_round", "expected_gpus"),
+    [(False, 5, 0.0), (True, 5, 0.2), (True, 4, 0.25), (True, 1, 1.0)],
+)
+def test_gpu_share_follows_cuda_and_clients_per_round(
+    recorded, monkeypatch, cuda, clients_per_round, expected_gpus
+):
+    # Prepare
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    run_config = f"num-clients=8 clients-per-round={clients_per_round}"
+
+    # Execute
+    code = launch.main(["run", str(REPO), "--run-config", run_config])
+
+    # Assert: what Flower's simulation receives
+    assert code == 0
+    [command] = recorded
+    num_supernodes, resources = client_resources(command)
+    assert num_supernodes == 8
+    assert resources["num_cpus"] == 1
+    assert resources["num_gpus"] == pytest.approx(expected_gpus)
+    if expected_gpus:
+        # clients-per-round clients fit on one GPU at once
+        assert int(1 / resources["num_gpus"] + 1e-6) == clients_per_round
+
+
+def test_explicit_gpu_share_and_cpus_win_over_detection(recorded, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    code = launch.main(["run", str(REPO), "--client-gpus", "0.5", "--client-cpus", "2"])
+
+    assert code == 0
+    _, resources = client_resources(recorded[0])
+    assert resources == {"num_cpus": 2, "num_gpus": pytest.approx(0.5)}
+
+
+@pytest.mark.parametrize("argv", [["--client-gpus", "1.5"], ["--client-cpus", "0"]])
+def test_bad_resources_stop_before_flwr_runs(recorded, monkeypatch, argv):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    code = launch.main(["run", str(REPO), *argv])
+
+    assert code == 2
+    assert recorded == []
+
+
+def test_preset_file_and_overrides_merge_in_order(recorded, monkeypatch):
+    # Prepare
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(REPO)
+    preset = "presets/quick-cpu.toml"
+
+    # Execute
+    code = launch.main(
+        ["run", ".", "--run-config", preset, "--run-config", "num-server-rounds=3"]
+    )
+
+    # Assert: the preset's values, the later override, absolute paths
+    assert code == 0
+    run_config = parse_config_args([option(recorded[0], "--run-config")])
+    assert run_config["model"] == "small-cnn"
+    assert run_config["local-epochs"] == 1
+    assert run_config["num-server-rounds"] == 3
+    assert run_config["data-dir"] == str((REPO / "../shared/data/mnist").resolve())
+    assert Path(run_config["results-dir"]).is_absolute()
+
+
+def test_read_run_config_later_values_win(tmp_path):
+    first = tmp_path / "a.toml"
+    first.write_text('model = "small-cnn"\nseed = 1\n')
+
+    merged = launch.read_run_config([str(first), "seed=7 mode='sync'"])
+
+    assert merged == {"model": "small-cnn", "seed": 7, "mode": "sync"}
+
+
+@pytest.mark.parametrize("content", [None, "model = \n"])
+def test_read_run_config_names_an_unreadable_file(tmp_path, content):
+    path = tmp_path / "preset.toml"
+    if content is not None:
+        path.write_text(content)
+
+    with pytest.raises(ConfigError, match=r"preset\.toml"):
+        launch.read_run_config([str(path)])
