@@ -12,11 +12,16 @@ both protocols pick clients by the same policy.
 
 import time
 from collections.abc import Callable, Iterable
-
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -82,9 +87,7 @@ class ClockedFedAvg(FedAvg):
         """FedAvg's sampling (or the selector's), plus the round's duration."""
         config[TASK_SEED] = self.seed * 100_003 + server_round
         if self.selector is None:
-            messages = list(
-                super().configure_train(server_round, arrays, config, grid)
-            )
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         else:
             messages = self._selected_messages(server_round, arrays, config, grid)
         if self.clock is not None:
@@ -97,7 +100,7 @@ class ClockedFedAvg(FedAvg):
         return messages
 
     def select_nodes(self, grid: Grid) -> list[int]:
-        """This round's nodes, drawn by the selector (FedAvg's sample size)."""
+        """Nodes of the next round, drawn by the selector (FedAvg's sample size)."""
         assert self.selector is not None
         node_ids = list(grid.get_node_ids())
         if self.clock is not None:

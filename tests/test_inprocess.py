@@ -69,8 +69,10 @@ def test_nodes_answer_with_the_clientapps_profiles(mnist_dir):
     # Assert: one profile per partition, in node order
     partitions = [int(r.content["profile"]["partition-id"]) for r in replies]
     assert partitions == list(range(cfg.num_clients))
-    assert all(r.metadata.src_node_id == m.metadata.dst_node_id
-               for r, m in zip(replies, messages, strict=True))
+    assert all(
+        r.metadata.src_node_id == m.metadata.dst_node_id
+        for r, m in zip(replies, messages, strict=True)
+    )
 
 
 def test_a_failing_handler_gives_an_error_reply(mnist_dir):

@@ -51,8 +51,9 @@ def test_intervals_cover_the_true_mean_95_percent_of_the_time():
     samples = rng.normal(1.0, 2.0, size=(4000, 5))
 
     # Execute
-    covered = [t_interval(list(s)).low <= 1.0 <= t_interval(list(s)).high
-               for s in samples]
+    covered = [
+        t_interval(list(s)).low <= 1.0 <= t_interval(list(s)).high for s in samples
+    ]
 
     # Assert: binomial sd of the coverage is ~0.0035
     assert np.mean(covered) == pytest.approx(0.95, abs=0.015)

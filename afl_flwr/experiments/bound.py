@@ -169,7 +169,7 @@ def async_rate_bound(
     local_epochs, batch_size, step_time_s : int, int, float
         Fewest local epochs charged, batch size and seconds per step.
     """
-    if not 1 <= concurrency:
+    if not concurrency >= 1:
         raise ValueError(f"concurrency={concurrency} must be >= 1")
     shortest = sorted(
         planned_steps(p.num_examples, local_epochs, batch_size)

@@ -24,6 +24,7 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from afl_flwr.client_app import evaluate_local, query_profile, train
@@ -69,13 +70,13 @@ class InProcessGrid(Grid):
         _ensure_task_identity()
 
     # Grid's abstract API --------------------------------------------------
-    def set_run(self, run_id: int) -> None:
+    def set_run(self, run: Run) -> None:
         """No runs to switch between: one grid serves one run."""
 
     @property
-    def run(self) -> Any:
+    def run(self) -> Run:
         """No SuperLink run object behind this grid."""
-        return None
+        raise NotImplementedError("an in-process grid serves no SuperLink run")
 
     def create_message(  # pylint: disable=too-many-arguments,too-many-positional-arguments
         self,

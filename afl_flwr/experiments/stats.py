@@ -51,11 +51,7 @@ def t_critical_975(df: int) -> float:
     if df <= len(_T975):
         return _T975[df - 1]
     z = _Z975
-    return (
-        z
-        + (z**3 + z) / (4 * df)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-    )
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 @dataclass(frozen=True)
@@ -79,9 +75,7 @@ class Interval:
         """``mean [low, high]`` with ``digits`` significant digits."""
         if self.n < 2:
             return f"{self.mean:.{digits}g}"
-        return (
-            f"{self.mean:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}]"
-        )
+        return f"{self.mean:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}]"
 
 
 def t_interval(values: Sequence[float]) -> Interval:
