@@ -67,7 +67,7 @@ PAPER_DELAY_ALPHA = 0.01
 # FADAS's server step (eta). Tuned once with --tune (seed TUNE_SEED, not an
 # evaluation seed; Dirichlet 0.1, stragglers): see results/benchmark_v2_tuning.md.
 FADAS_ETA = 1e-3
-FADAS_CANDIDATES = (1e-3, 3e-3, 1e-2, 3e-2)
+FADAS_CANDIDATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TUNE_SEED = 100
 FEDAVG = "FedAvg"
 AFL = "FedBuff"
@@ -664,7 +664,7 @@ def tune(base: dict[str, Any], out: Path, workers: int) -> str:
         f"{TUNE_SEED}; not an evaluation seed)\n\n"
         + markdown_table(["candidate", "best acc", "final acc"], rows)
     )
-    (out / "benchmark_v2_tuning.md").write_text(text)
+    (out.parent / "benchmark_v2_tuning.md").write_text(text)
     return text
 
 
