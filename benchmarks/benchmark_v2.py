@@ -64,12 +64,18 @@ STRAGGLERS = "20% stragglers 10x"
 # uses a value that halves the lr at tau = 5.
 DELAY_ALPHA = 0.2
 PAPER_DELAY_ALPHA = 0.01
-# FADAS's server step (eta). Tuned once with --tune (seed TUNE_SEED, not an
+# Server steps (eta) of FADAS and CA2FL. Tuned once with --tune (seed TUNE_SEED, not an
 # evaluation seed; Dirichlet 0.1, stragglers): see results/benchmark_v2_tuning.md.
 FADAS_ETA = 1e-3
-FADAS_CANDIDATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+CA2FL_ETA = 0.3
+TUNING = {
+    "FADAS": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "CA2FL": (0.1, 0.3, 1.0),
+}
 TUNE_SEED = 100
 FEDAVG = "FedAvg"
+# CA2FL at the issue's suggested server-lr 1.0, kept beside the tuned one.
+CA2FL_UNTUNED = "CA2FL eta=1"
 AFL = "FedBuff"
 
 
@@ -90,6 +96,7 @@ class Size:
         "FedBuff+delay-lr",
         "CA2FL",
         "FADAS",
+        CA2FL_UNTUNED,
     )
     target_fraction: float = 0.9
     extra: dict[str, Any] = field(default_factory=dict)
@@ -178,6 +185,13 @@ def method_overrides(method: str, size: Size) -> dict[str, Any]:
             "lr-delay-alpha": PAPER_DELAY_ALPHA,
         }
     if method == "CA2FL":
+        return {
+            **buffered,
+            "aggregation": "ca2fl",
+            "server-lr": CA2FL_ETA,
+            **no_delay_lr,
+        }
+    if method == CA2FL_UNTUNED:
         return {**buffered, "aggregation": "ca2fl", "server-lr": 1.0, **no_delay_lr}
     if method == "FADAS":
         return {
@@ -618,6 +632,7 @@ def report(
                 "eval_updates": size.eval_updates,
                 "delay_alpha": DELAY_ALPHA,
                 "fadas_eta": FADAS_ETA,
+                "ca2fl_eta": CA2FL_ETA,
                 "scenarios": SCENARIOS,
                 "wall_s": wall,
                 "cells": cells,
@@ -630,39 +645,46 @@ def report(
 
 
 def tune(base: dict[str, Any], out: Path, workers: int) -> str:
-    """FADAS's eta on one cell (Dirichlet 0.1, stragglers) and seed TUNE_SEED."""
+    """Server step of FADAS and CA2FL on one cell and seed TUNE_SEED.
+
+    One value per method, chosen by final accuracy on Dirichlet 0.1 with
+    stragglers at seed ``TUNE_SEED`` (not an evaluation seed).
+    """
     size = SIZES["quick"]
     jobs = []
-    for eta in FADAS_CANDIDATES:
-        overrides = {
-            **base,
-            **size.base,
-            **SCENARIOS[STRAGGLERS],
-            "dirichlet-alpha": 0.1,
-            "seed": TUNE_SEED,
-            **method_overrides("FADAS", size),
-            "server-lr": eta,
-            "results-dir": str(out / "tuning" / f"fadas-{eta}"),
-        }
-        jobs.append(
-            {
-                "alpha": 0.1,
-                "scenario": STRAGGLERS,
-                "method": f"FADAS eta={eta}",
+    for method, candidates in TUNING.items():
+        for eta in candidates:
+            tag = f"{method.lower()}-{eta}"
+            overrides = {
+                **base,
+                **size.base,
+                **SCENARIOS[STRAGGLERS],
+                "dirichlet-alpha": 0.1,
                 "seed": TUNE_SEED,
-                "overrides": overrides,
-                "cache": str(out / "tuning" / f"fadas-{eta}.json"),
+                **method_overrides(method, size),
+                "server-lr": eta,
+                "results-dir": str(out / "tuning" / tag),
             }
-        )
+            jobs.append(
+                {
+                    "alpha": 0.1,
+                    "scenario": STRAGGLERS,
+                    "method": f"{method} eta={eta}",
+                    "seed": TUNE_SEED,
+                    "overrides": overrides,
+                    "cache": str(out / "tuning" / f"{tag}.json"),
+                }
+            )
     records = run_all(jobs, workers)
     rows = [
         [r["method"], max(a for *_, a in r["evals"]), r["evals"][-1][2]]
         for r in sorted(records, key=lambda r: r["method"])
     ]
     text = (
-        "# FADAS eta tuning (quick size, Dirichlet 0.1, stragglers, seed "
+        "# Server step tuning (quick size, Dirichlet 0.1, stragglers, seed "
         f"{TUNE_SEED}; not an evaluation seed)\n\n"
         + markdown_table(["candidate", "best acc", "final acc"], rows)
+        + f"\nChosen: FADAS eta = {FADAS_ETA}, CA2FL eta = {CA2FL_ETA}.\n"
     )
     (out.parent / "benchmark_v2_tuning.md").write_text(text)
     return text
@@ -674,7 +696,7 @@ def main() -> None:
     group.add_argument("--quick", action="store_true", help="2-core size (default)")
     group.add_argument("--full", action="store_true", help="GPU-box size")
     group.add_argument("--paper", action="store_true", help="the paper's setting")
-    group.add_argument("--tune", action="store_true", help="tune FADAS's eta")
+    group.add_argument("--tune", action="store_true", help="tune FADAS's, CA2FL's eta")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--workers", type=int, default=2)
