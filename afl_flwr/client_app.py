@@ -185,7 +185,9 @@ def node_profile(context: Context, cfg: AppConfig, partition_id: int) -> NodePro
     )
 
 
-@lru_cache(maxsize=8)
+# Large enough for every partition of a federation served from one process
+# (a Ray worker hosting many nodes, or the in-process benchmark engine).
+@lru_cache(maxsize=256)
 def client_trainset(cfg: AppConfig, partition_id: int) -> TensorDataset:
     """Return the training partition of a node, loaded once per process."""
     return load_partition(

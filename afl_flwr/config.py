@@ -16,6 +16,9 @@ from afl_flwr.selection import SELECTIONS
 from afl_flwr.staleness import STALENESS_FUNCTIONS
 
 MODES = ("async", "sync")
+# How FedAvg (mode='sync') samples a round's nodes: the project's `selection`
+# policy (as the async strategy), or Flower's own sampler.
+SYNC_SELECTIONS = ("selector", "flower")
 CLOCKS = ("virtual", "real", "none")
 
 
@@ -68,6 +71,7 @@ class AppConfig:
     staleness_b: float = 4.0
     max_staleness: int = 20
     selection: str = "without-replacement"
+    sync_selection: str = "selector"
     distinct_buffer: bool = True
     task_timeout: float = 600.0
     max_consecutive_failures: int = 0
@@ -127,6 +131,7 @@ class AppConfig:
         _choice("aggregation", self.aggregation, aggregation_names())
         _choice("staleness-fn", self.staleness_fn, sorted(STALENESS_FUNCTIONS))
         _choice("selection", self.selection, sorted(SELECTIONS))
+        _choice("sync-selection", self.sync_selection, SYNC_SELECTIONS)
         _choice("clock", self.clock, CLOCKS)
         for key in (
             "num-clients",

@@ -108,6 +108,7 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
             clock=clock,
             eval_every=cfg.eval_every,
             seed=cfg.seed,
+            selection=cfg.selection if cfg.sync_selection == "selector" else None,
             fraction_train=min(1.0, cfg.clients_per_round / max(num_nodes, 1)),
             fraction_evaluate=0.0,
             min_train_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),

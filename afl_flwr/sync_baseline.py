@@ -5,13 +5,25 @@ its aggregation: it only records each round's replies in a :class:`RunHistory`
 (the same format as the asynchronous strategy) and, with a
 :class:`~afl_flwr.clock.VirtualClock`, charges every round the simulated duration
 of its slowest selected client, so AFL and SFL are compared on one clock.
+With ``selection`` set it samples each round's nodes with the project's seeded
+selector (:mod:`afl_flwr.selection`) instead of Flower's ``random.sample``, so
+both protocols pick clients by the same policy.
 """
 
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
@@ -19,6 +31,7 @@ from afl_flwr.clock import TaskTiming, VirtualClock
 from afl_flwr.constants import NUM_EXAMPLES, TASK_SEED
 from afl_flwr.history import MERGED, REJECTED, EvalPoint, RunHistory
 from afl_flwr.replies import TrainReply
+from afl_flwr.selection import NodeSelector, make_selector
 from afl_flwr.strategy.recorder import RunRecorder
 from afl_flwr.strategy.scheduler import reported_steps
 
@@ -34,7 +47,14 @@ class ClockedFedAvg(FedAvg):
     eval_every : int (default: 1)
         Run the central evaluation every this many rounds (and at the last).
     seed : int (default: 0)
-        Base of the per-round ``task-seed`` sent to clients.
+        Base of the per-round ``task-seed`` sent to clients, and seed of the
+        selector.
+    selection : str, optional (default: None)
+        ``"without-replacement"`` or ``"with-replacement"``: draw each round's
+        nodes one by one with :func:`~afl_flwr.selection.make_selector` over the
+        nodes in a stable order (the clock's ``sort_key``, else node id), as the
+        asynchronous strategy does. ``None`` keeps Flower's sampler
+        (``random.sample`` over the grid's node ids).
     **kwargs
         Passed to ``FedAvg``.
     """
@@ -45,9 +65,14 @@ class ClockedFedAvg(FedAvg):
         clock: VirtualClock | None = None,
         eval_every: int = 1,
         seed: int = 0,
+        selection: str | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.selection = selection
+        self.selector: NodeSelector | None = (
+            make_selector(selection, seed) if selection is not None else None
+        )
         self.clock = clock
         self.eval_every = eval_every
         self.seed = seed
@@ -72,9 +97,12 @@ class ClockedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling, plus the round's simulated duration."""
+        """FedAvg's sampling (or the selector's), plus the round's duration."""
         config[TASK_SEED] = self.seed * 100_003 + server_round
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.selector is None:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        else:
+            messages = self._selected_messages(server_round, arrays, config, grid)
         if self.clock is not None:
             self.clock.register(grid, grid.get_node_ids())
             self._timings = {
@@ -82,6 +110,38 @@ class ClockedFedAvg(FedAvg):
                 for m in messages
             }
         return messages
+
+    def select_nodes(self, grid: Grid) -> list[int]:
+        """Nodes of the next round, drawn by the selector (FedAvg's sample size)."""
+        assert self.selector is not None
+        node_ids = list(grid.get_node_ids())
+        if self.clock is not None:
+            self.clock.register(grid, node_ids)
+        nodes = sorted(node_ids, key=self.clock.sort_key if self.clock else None)
+        size = min(
+            max(int(len(nodes) * self.fraction_train), self.min_train_nodes),
+            len(nodes),
+        )
+        chosen: list[int] = []
+        while len(chosen) < size:
+            node = self.selector.select(nodes, [n for n in nodes if n not in chosen])
+            if node is None:  # pragma: no cover - an idle node is always left
+                break
+            chosen.append(node)
+        return chosen
+
+    def _selected_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self.select_nodes(grid)
+        log(INFO, "configure_train: selected nodes %s", node_ids)
+        config["server-round"] = server_round
+        record = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: config}
+        )
+        return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -55,10 +55,15 @@ def _resnet20_size(c: int) -> int:
     return total + _linear(64, NUM_CLASSES)
 
 
+def _mlp_size(c: int) -> int:
+    return _linear(c * 28 * 28, 200) + _linear(200, 200) + _linear(200, NUM_CLASSES)
+
+
 EXPECTED_SIZE = {
     "paper-cnn": _paper_cnn_size,
     "small-cnn": _small_cnn_size,
     "resnet20": _resnet20_size,
+    "mlp": _mlp_size,
 }
 
 

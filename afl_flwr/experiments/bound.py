@@ -1,4 +1,12 @@
-"""The speed-only bound on asynchronous speedup (no training involved).
+"""Speed-only comparisons of the two protocols (no training involved).
+
+:func:`async_rate_bound` is a proven upper bound on the updates per simulated
+second of *any* asynchronous protocol on given clients; divided by FedAvg's
+measured rate it bounds the measured async/sync throughput ratio.
+
+:func:`speed_bound` is not a bound (the name is historical): it simulates one
+ideal schedule of each protocol, and a real run can beat it (different node
+draws, delays); it estimates what speed alone would give.
 
 Given the node profiles, simulate the client slots of both protocols on the
 virtual clock and measure simulated time per accepted update:
@@ -19,7 +27,7 @@ from functools import partial
 
 import numpy as np
 
-from afl_flwr.clock import NodeProfile, task_duration
+from afl_flwr.clock import NodeProfile, planned_steps, task_duration
 from afl_flwr.selection import make_selector
 
 
@@ -129,3 +137,51 @@ def speed_bound(
         sync_utilisation=sync_busy / (concurrency * sync_time),
         async_utilisation=async_busy / (concurrency * now),
     )
+
+
+def async_rate_bound(
+    profiles: Sequence[NodeProfile],
+    *,
+    concurrency: int,
+    local_epochs: int,
+    batch_size: int,
+    step_time_s: float,
+) -> float:
+    """Updates per simulated second no asynchronous protocol can exceed.
+
+    Client ``i``'s task lasts at least ``d_i = steps_i x step_time_s x speed_i``
+    on the virtual clock (the network delay is ``>= 0``; ``steps_i`` is the
+    fewest the clock charges, so pass the *minimum* local epochs when early
+    stopping may end jobs early). A node runs one task at a time and at most
+    ``C = concurrency`` tasks run at once. If node ``i`` is busy ``b_i`` seconds
+    of ``[0, T]``, it completes at most ``b_i / d_i`` tasks there, with
+    ``b_i <= T`` and ``sum_i b_i <= C T``. The maximum of ``sum_i b_i / d_i``
+    under these constraints fills the ``C`` smallest ``d_i`` completely, so the
+    tasks completed by any time ``T`` number at most
+    ``T x sum over the C fastest nodes of 1 / d_i``; this is that rate.
+
+    Parameters
+    ----------
+    profiles : Sequence[NodeProfile]
+        One profile per node.
+    concurrency : int
+        Tasks in flight at most (``C``).
+    local_epochs, batch_size, step_time_s : int, int, float
+        Fewest local epochs charged, batch size and seconds per step.
+    """
+    if not concurrency >= 1:
+        raise ValueError(f"concurrency={concurrency} must be >= 1")
+    shortest = sorted(
+        planned_steps(p.num_examples, local_epochs, batch_size)
+        * step_time_s
+        * p.speed_factor
+        for p in profiles
+    )
+    return float(sum(1.0 / d for d in shortest[:concurrency]))
+
+
+def completed_per_second(finish_times: Sequence[float]) -> float:
+    """Tasks completed per simulated second: count / the last finish time."""
+    if not finish_times or max(finish_times) <= 0:
+        raise ValueError("completed_per_second needs a positive finish time")
+    return len(finish_times) / max(finish_times)
