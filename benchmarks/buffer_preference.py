@@ -21,8 +21,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from afl_flwr import StalenessAwareAsyncStrategy, VirtualClock
 from afl_flwr.clock import NodeProfile, speed_factors
+from afl_flwr.experiments.runs import markdown_table
 from afl_flwr.experiments.scripted_grid import ScriptedGrid, server_identity
-from afl_flwr.experiments.stats import markdown_table, t_interval
+from afl_flwr.experiments.stats import t_interval
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "4 nodes, one 8x slower, concurrency 5, K 5 (defaults)": {
