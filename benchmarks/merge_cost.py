@@ -4,7 +4,7 @@ The limit is one fused pass over the parameters: ``x += a * y`` (torch ``add_``
 with ``alpha``, i.e. an axpy) on the same float32 buffers. The merge paths timed:
 
 * ``immediate``: FedAsync mix ``x <- (1 - c) x + c x_i`` (``mix_immediate``);
-* ``buffered``: FedBuff flush of K updates (``buffered_update``), per update;
+* ``buffered``: FedBuff flush of K updates (``fedbuff_update``), per update;
 * ``+ validation``: the same, plus the strategy's reply validation and decoding
   (``parse_train_reply``: names/shapes/dtypes, NaN/Inf scan, zero-copy view of
   the reply's bytes), i.e. the full server path for one reply.
@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torchvision.models import resnet18
 
-from afl_flwr.aggregation import buffered_update, mix_immediate
+from afl_flwr.aggregation import fedbuff_update, mix_immediate
 from afl_flwr.models import ResNet20
 from afl_flwr.replies import model_spec, parse_train_reply
 
@@ -93,14 +93,14 @@ def bench(name: str, model: torch.nn.Module, repeats: int, k: int) -> dict[str, 
     bases = [params] * (k - 1) + [stale_base]
 
     def buffered_fresh() -> None:
-        buffered_update(params, parsed, [params] * k, [1.0] * k, 1.0)
+        fedbuff_update(params, parsed, [params] * k, [1.0] * k, [1.0] * k, 1.0)
 
     def buffered() -> None:
-        buffered_update(params, parsed, bases, [1.0] * k, 1.0)
+        fedbuff_update(params, parsed, bases, [1.0] * k, [0.5] * k, 1.0)
 
     def buffered_full() -> None:
         updates = [parse_train_reply(r, spec).params for r in replies]
-        buffered_update(params, updates, bases, [1.0] * k, 1.0)
+        fedbuff_update(params, updates, bases, [1.0] * k, [0.5] * k, 1.0)
 
     base = timeit(axpy, repeats)
     rows = {

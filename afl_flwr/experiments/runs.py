@@ -67,13 +67,23 @@ def run_simulation_record(
     client_gpus: float = 0.0,
     progress: str = "",
 ) -> RunRecord:
-    """Run one simulation (see :func:`afl_flwr.simulate.simulate`) and load it."""
+    """Run one experiment and load its results folder.
+
+    Runs on the virtual clock go through the in-process engine
+    (:func:`afl_flwr.experiments.inprocess.run_inprocess`: the same ServerApp and
+    ClientApp code, the same results, without Ray's start-up and scheduling);
+    others through Flower's Ray simulation (:func:`afl_flwr.simulate.simulate`).
+    """
+    from afl_flwr.experiments.inprocess import run_inprocess
     from afl_flwr.simulate import simulate
 
-    AppConfig.from_run_config(overrides)  # fail before any run starts
+    cfg = AppConfig.from_run_config(overrides)  # fail before any run starts
     print(f"{progress} {label}: running ...", flush=True)
     started = time.time()
-    path = simulate(overrides, client_cpus=client_cpus, client_gpus=client_gpus)
+    if cfg.clock == "virtual":
+        path = run_inprocess(overrides, torch_threads=None).results_path
+    else:
+        path = simulate(overrides, client_cpus=client_cpus, client_gpus=client_gpus)
     record = load_run(path, label, time.time() - started)
     best = record.summary.get("best_test_acc")
     print(
