@@ -32,7 +32,7 @@ RUNBOOK = REPO / "docker" / "run-local-deployment.sh"
 # Hard bound of one deployment (normally done in 60-150 s on two cores).
 DEPLOYMENT_TIMEOUT_S = 300.0
 # Small, fast workload: one local epoch of a small CNN on a third of MNIST.
-WORKLOAD = "local-epochs=1 model='small-cnn' num-test=1000"
+WORKLOAD = "local-epochs=1 model='small-cnn' num-test=1000 eval-every=1"
 
 
 def free_port() -> int:

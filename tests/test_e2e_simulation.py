@@ -104,7 +104,7 @@ def test_async_simulation_learns_and_is_reproducible(tmp_path, mnist_dir):
 
 
 def test_sync_fedavg_baseline_learns(tmp_path, mnist_dir):
-    path = simulate(tmp_path, mnist_dir, "mode='sync' num-server-rounds=4")
+    path = simulate(tmp_path, mnist_dir, "mode='sync' num-server-rounds=4 eval-every=1")
 
     summary = json.loads((path / "summary.json").read_text())
     rows = list(csv.DictReader((path / "evals.csv").open()))
