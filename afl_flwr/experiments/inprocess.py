@@ -23,13 +23,12 @@ from uuid import UUID
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from afl_flwr.client_app import evaluate_local, query_profile, train
 from afl_flwr.config import AppConfig
 from afl_flwr.constants import NUM_PARTITIONS, PARTITION_ID, QUERY_PROFILE
+from afl_flwr.experiments.local_grid import LocalGrid
 from afl_flwr.server_app import RunOutcome, run
 
 # Node ids of the virtual nodes start here (Flower's simulation uses large
@@ -39,7 +38,7 @@ FIRST_NODE_ID = 1001
 CLIENT_APP_RAISED_EXCEPTION = 0
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(LocalGrid):
     """A ``Grid`` whose nodes are the ClientApp's handlers, called in this process.
 
     Parameters
@@ -68,26 +67,6 @@ class InProcessGrid(Grid):
         self._next_id = 0
         self.handled: list[tuple[int, str]] = []
         _ensure_task_identity()
-
-    # Grid's abstract API --------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        """No runs to switch between: one grid serves one run."""
-
-    @property
-    def run(self) -> Run:
-        """No SuperLink run object behind this grid."""
-        raise NotImplementedError("an in-process grid serves no SuperLink run")
-
-    def create_message(  # pylint: disable=too-many-arguments,too-many-positional-arguments
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """A message to ``dst_node_id`` (as Flower's grids build one)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         """The virtual nodes' ids."""

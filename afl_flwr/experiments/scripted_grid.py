@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from uuid import uuid4
 
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from afl_flwr.experiments.local_grid import LocalGrid
 
 # (node id, the message sent to it) -> reply content, or None for no reply.
 ReplyFn = Callable[[int, Message], RecordDict | None]
@@ -37,7 +37,7 @@ def server_identity() -> Iterator[None]:
 
 
 @dataclass
-class ScriptedGrid(Grid):
+class ScriptedGrid(LocalGrid):
     """A Grid whose replies arrive after scripted numbers of polls ("ticks").
 
     Parameters
@@ -56,25 +56,6 @@ class ScriptedGrid(Grid):
     tick: int = 0
     pushed: int = 0
     _pending: dict[str, tuple[int, Message]] = field(default_factory=dict)
-
-    def set_run(self, run: Run) -> None:
-        """Unused: the scripted grid serves one run."""
-
-    @property
-    def run(self) -> None:  # type: ignore[override]
-        """No Flower run behind this grid."""
-        return None
-
-    def create_message(  # type: ignore[override]
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Build a message as Flower's grids do."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         """The connected nodes."""
