@@ -15,7 +15,7 @@ the same run however fast the host is and however Ray schedules the clients.
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -175,6 +175,10 @@ def task_duration(
     return compute + network_delay(profile, task_index, seed)
 
 
+# When the clock asks nodes for their profiles (``VirtualClock(profile_query=...)``).
+PROFILE_QUERIES = ("on-join", "first-dispatch")
+
+
 class VirtualClock:
     """Simulated durations for tasks, from node profiles asked once per node.
 
@@ -195,6 +199,15 @@ class VirtualClock:
         (``patience + 1`` for the ClientApp's rule); ``None`` means every job runs
         all ``local_epochs``. Replies are charged the steps they report, and this
         lower bound lets the strategy merge them in simulated-finish order.
+    profile_query : str (default: "on-join")
+        When nodes are asked for their profile. ``"on-join"``: every node as it
+        joins, in one batched query, before it can be selected; node order then
+        follows partition ids, so a seeded run in Flower's simulation (which
+        draws node ids at random) is reproducible. ``"first-dispatch"``: a node
+        is asked just before its first task, batched with the other nodes of
+        the same dispatch; no start-up barrier and no query for a node never
+        selected, but nodes are ordered by node id, so the selection depends on
+        the ids Flower drew (reproducible only where they are fixed).
     """
 
     def __init__(
@@ -206,9 +219,16 @@ class VirtualClock:
         seed: int = 0,
         query_timeout: float = 120.0,
         min_epochs: int | None = None,
+        profile_query: str = "on-join",
     ) -> None:
         if min_epochs is not None and not min_epochs >= 1:
             raise ValueError(f"min_epochs={min_epochs} must be >= 1")
+        if profile_query not in PROFILE_QUERIES:
+            raise ValueError(
+                f"profile_query={profile_query!r}; allowed: "
+                f"{', '.join(PROFILE_QUERIES)}"
+            )
+        self.profile_query = profile_query
         self.local_epochs = local_epochs
         self.min_epochs = min(min_epochs or local_epochs, local_epochs)
         self.batch_size = batch_size
@@ -226,15 +246,20 @@ class VirtualClock:
         """Restore :meth:`get_state`."""
         self._tasks = {int(k): int(v) for k, v in state.items()}
 
-    def register(self, grid: Grid, node_ids: Iterable[int]) -> None:
+    def register(self, grid: Grid, node_ids: Iterable[int]) -> int:
         """Ask nodes without a known profile for it (``query.profile`` messages).
 
         A node that does not answer (e.g. a ClientApp without the query handler)
         gets a default profile: speed 1, no delay, one batch per epoch.
+
+        Returns
+        -------
+        int
+            How many nodes were asked (0 when all profiles were known).
         """
         unknown = sorted(n for n in node_ids if n not in self.profiles)
         if not unknown:
-            return
+            return 0
         messages = [
             Message(RecordDict(), dst_node_id=node, message_type=QUERY_PROFILE)
             for node in unknown
@@ -247,13 +272,20 @@ class VirtualClock:
             self.profiles[node] = NodeProfile.from_record(
                 reply.content.config_records[PROFILE_KEY]
             )
-        for node in unknown:
-            if node not in self.profiles:
-                log(
-                    WARNING, "Node %s sent no profile; assuming speed 1, no delay", node
-                )
-                self.profiles[node] = NodeProfile(-1, self.batch_size)
-        log(INFO, "Profiles of %d node(s) registered", len(unknown))
+        silent = [n for n in unknown if n not in self.profiles]
+        for node in silent:
+            self.profiles[node] = NodeProfile(-1, self.batch_size)
+        if silent:
+            log(
+                WARNING,
+                "%d node(s) sent no profile (e.g. node %s); assuming speed 1, no "
+                "delay, one batch per epoch",
+                len(silent),
+                silent[0],
+            )
+        level = INFO if self.profile_query == "on-join" else DEBUG
+        log(level, "Profiles of %d node(s) registered", len(unknown))
+        return len(unknown)
 
     def sort_key(self, node_id: int) -> tuple[int, int]:
         """Stable ordering of nodes across runs (partition id, then node id)."""

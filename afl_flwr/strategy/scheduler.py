@@ -11,6 +11,11 @@ Dispatch never throttles: while a slot is free and any node is idle, the slot
 gets work. ``avoid`` (nodes whose update waits in the aggregator's buffer) and
 back-off (nodes whose tasks keep failing) are preferences among idle nodes, and
 a backed-off node still gets work when nothing else can run.
+
+Dispatch costs ``O(concurrency + buffer + failing nodes)`` per task, not
+``O(N)``: the selector is told which few nodes it may not pick
+(:meth:`~afl_flwr.selection.NodeSelector.pick`), and the node list is only
+rebuilt when nodes join or leave.
 """
 
 import time
@@ -103,6 +108,9 @@ class Scheduler:
     def reset(self) -> None:
         """Forget every node and task (a new run)."""
         self.nodes: list[int] = []
+        self._node_set: set[int] = set()
+        self._by_label: dict[int, int] = {}
+        self._busy: set[int] = set()
         self.in_flight: dict[str, Task] = {}
         self._arrived: dict[str, Message] = {}
         self._expired: set[str] = set()
@@ -156,25 +164,40 @@ class Scheduler:
             return
         self._last_refresh = now
         current = set(grid.get_node_ids())
-        known = set(self.nodes)
+        if current == self._node_set:
+            return
+        known = self._node_set
         joined, left = current - known, known - current
         if joined and known:
-            log(INFO, "Node(s) joined: %s", sorted(joined))
+            log(INFO, "%d node(s) joined: %s", len(joined), _some(joined))
         if left:
-            log(INFO, "Node(s) left: %s", sorted(left))
-        if joined and self.clock is not None:
+            log(INFO, "%d node(s) left: %s", len(left), _some(left))
+        eager = self.clock is not None and self.clock.profile_query == "on-join"
+        if joined and eager:
             self.clock.register(grid, joined)
-        if joined or left:
-            key = self.clock.sort_key if self.clock is not None else None
-            self.nodes = sorted(current, key=key)
+        key = self.clock.sort_key if self.clock is not None else None
+        self.nodes = sorted(current, key=key)
+        self._node_set = current
+        self._by_label = {self.label(n): n for n in self.nodes}
+
+    def nodes_of(self, labels: Collection[int]) -> set[int]:
+        """Connected nodes whose :meth:`label` is in ``labels``."""
+        return {self._by_label[c] for c in labels if c in self._by_label}
 
     def busy_nodes(self) -> set[int]:
         """Nodes with a task in flight."""
-        return {task.node_id for task in self.in_flight.values()}
+        return set(self._busy)
 
     def backed_off(self, node_id: int) -> bool:
         """Whether a failing node is sitting out."""
         return self._backoff_until.get(node_id, 0) > self.outcomes
+
+    def backed_off_nodes(self) -> set[int]:
+        """Failing nodes sitting out now (expired back-offs are forgotten)."""
+        expired = [n for n, t in self._backoff_until.items() if t <= self.outcomes]
+        for node in expired:
+            del self._backoff_until[node]
+        return set(self._backoff_until)
 
     def record_failure(self, node_id: int, reason: str) -> None:
         """A task of ``node_id`` failed: back it off, longer each time in a row."""
@@ -234,24 +257,29 @@ class Scheduler:
                 len(self.nodes),
             )
             self._logged_capacity = True
-        busy = self.busy_nodes()
+        busy = set(self._busy)
+        unhealthy = self.backed_off_nodes()
+        avoided = set(avoid)
         chosen: list[int] = []
         while len(chosen) < free:
-            idle = [n for n in self.nodes if n not in busy]
-            if not idle:
-                break
-            healthy = [n for n in idle if not self.backed_off(n)]
-            preferred = [n for n in healthy if n not in avoid]
-            pool = preferred or healthy
-            if not pool and not self.in_flight and not chosen:
-                pool = idle  # every idle node is failing: try one, never stall
-            node = self.selector.select(self.nodes, pool)
+            # Preferred: idle, healthy, not avoided; then idle and healthy; then,
+            # when nothing runs, any idle node (all failing: try one, never stall).
+            layers = [busy | unhealthy | avoided, busy | unhealthy]
+            if not self.in_flight and not chosen:
+                layers.append(busy)
+            node = None
+            for excluded in layers:
+                node = self.selector.pick(self.nodes, excluded, self._node_set)
+                if node is not None:
+                    break
             if node is None:
                 break
             busy.add(node)
             chosen.append(node)
         if not chosen:
             return []
+        if self.clock is not None:
+            self._learn_profiles(grid, chosen)
         messages, tasks = [], []
         for node in chosen:
             timing = self.clock.plan(node) if self.clock is not None else None
@@ -265,6 +293,7 @@ class Scheduler:
             if message_id:
                 task.message_id = message_id
                 self.in_flight[message_id] = task
+                self._busy.add(task.node_id)
                 started.append(task)
             else:
                 log(WARNING, "Could not push a task to node %s", task.node_id)
@@ -332,12 +361,24 @@ class Scheduler:
                 if (task.earliest_finish, task.seq) < (finish, seq):
                     return None  # a running task may still finish first
         task = self.in_flight.pop(message_id)
+        self._busy.discard(task.node_id)
         reply = self._arrived.pop(message_id, None)
         self._expired.discard(message_id)
         self.sim_now = max(self.sim_now, finish) if self.clock else self.sim_now
         self.outcomes += 1
         duration = finish - task.sim_start if self.clock is not None else 0.0
         return Outcome(task, reply, self.now(), duration)
+
+    def _learn_profiles(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask ``nodes`` never asked before for their profile (lazy profiles)."""
+        assert self.clock is not None
+        before = {n: self.label(n) for n in nodes}
+        if not self.clock.register(grid, nodes):
+            return
+        for node, old in before.items():
+            if self._by_label.get(old) == node:
+                del self._by_label[old]
+            self._by_label[self.label(node)] = node
 
     def _finish(self, message_id: str) -> float:
         task = self.in_flight[message_id]
@@ -350,6 +391,7 @@ class Scheduler:
         """Forget every task in flight (end of run); return how many there were."""
         count = len(self.in_flight)
         self.in_flight.clear()
+        self._busy.clear()
         self._arrived.clear()
         self._expired.clear()
         return count
@@ -364,3 +406,10 @@ def reported_steps(reply: Message | None) -> int | None:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return int(value)
     return None
+
+
+def _some(nodes: Collection[int], limit: int = 10) -> str:
+    """The first ``limit`` node ids (sorted) for a log line, then a count."""
+    shown = sorted(nodes)[:limit]
+    more = len(nodes) - len(shown)
+    return f"{shown}" + (f" and {more} more" if more > 0 else "")

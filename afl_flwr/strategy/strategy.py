@@ -558,12 +558,7 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
 
     def _waiting_nodes(self) -> set[int]:
         """Nodes whose update waits in the aggregator's buffer."""
-        pending_clients = {u.client for u in self.aggregator.pending()}
-        return {
-            n
-            for n in self.scheduler.nodes
-            if self.scheduler.label(n) in pending_clients
-        }
+        return self.scheduler.nodes_of({u.client for u in self.aggregator.pending()})
 
     def _train_message(
         self, node: int, seq: int, train_config: ConfigRecord, timeout: float
