@@ -172,8 +172,7 @@ class Scheduler:
             log(INFO, "%d node(s) joined: %s", len(joined), _some(joined))
         if left:
             log(INFO, "%d node(s) left: %s", len(left), _some(left))
-        eager = self.clock is not None and self.clock.profile_query == "on-join"
-        if joined and eager:
+        if joined and self.clock is not None and self.clock.profile_query == "on-join":
             self.clock.register(grid, joined)
         key = self.clock.sort_key if self.clock is not None else None
         self.nodes = sorted(current, key=key)
