@@ -8,7 +8,9 @@ into it. Each hook sees a :class:`RunView` and may implement any of
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -70,8 +72,29 @@ def _metrics_line(metrics: MetricRecord | dict | None) -> str:
     return ", ".join(f"{k}={float(v):.4f}" for k, v in (metrics or {}).items())  # type: ignore[arg-type]
 
 
+@dataclass
+class _PendingEval:
+    """A central evaluation submitted at a version, with that version's numbers."""
+
+    version: int
+    wall_time: float
+    sim_time: float
+    client_updates: int
+    future: "Future[tuple[MetricRecord | None, float]]"
+
+
 class CentralEvaluation(Hook):
     """``evaluate_fn`` on the server, at version 0, every ``every`` and at the end.
+
+    Off the critical path by default: the version's weights (immutable once
+    installed) go to one background thread while the loop keeps dispatching,
+    so client slots stay busy during an evaluation. Results are recorded in
+    version order, each with the wall/simulated time and update count of the
+    version it belongs to, so a run's records are those of an inline
+    evaluation (only ``eval_seconds`` and the log line's position differ).
+    Pending evaluations are collected at every poll, before a checkpoint
+    (:meth:`flush`) and at the end; an exception raised by ``evaluate_fn`` is
+    re-raised in the loop.
 
     Parameters
     ----------
@@ -79,57 +102,124 @@ class CentralEvaluation(Hook):
         ``(version, arrays) -> MetricRecord``; ``None`` records time points only.
     every : int
         Evaluate every this many versions.
+    background : bool (default: True)
+        Evaluate in a background thread; ``False`` evaluates inline (the loop
+        waits), for an ``evaluate_fn`` that is not thread-safe.
     """
 
-    def __init__(self, evaluate_fn: EvaluateFn | None, every: int) -> None:
+    def __init__(
+        self, evaluate_fn: EvaluateFn | None, every: int, *, background: bool = True
+    ) -> None:
         self.evaluate_fn = evaluate_fn
         self.every = every
+        self.background = background
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: deque[_PendingEval] = deque()
+        self._run: RunView | None = None
+        self._updates = 0
+        self._last_version = -1
 
     def on_start(self, run: RunView, resumed: bool) -> None:
         """Evaluate the initial model (not on resume: it was evaluated)."""
+        self._run = run
+        self._queue.clear()
+        self._updates = len(run.history.merged())
+        evals = run.history.evals
+        self._last_version = evals[-1].version if resumed and evals else -1
+        if self.background and self.evaluate_fn is not None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="central-eval")
         if not resumed:
-            self.evaluate(run)
+            self.submit(run)
 
     def on_version(self, run: RunView, merged: list[UpdateEvent]) -> None:
         """Evaluate on schedule."""
+        self._updates += len(merged)
         version = run.store.version
         if version % self.every == 0 or version == run.num_rounds:
-            self.evaluate(run)
+            self.submit(run)
+
+    def on_poll(self, run: RunView) -> None:
+        """Record the evaluations that finished, in version order."""
+        self._collect(run, wait=False)
 
     def on_end(self, run: RunView) -> None:
-        """Evaluate the final model if the schedule missed it."""
-        if not run.history.evals or run.history.evals[-1].version != run.store.version:
-            self.evaluate(run)
+        """Evaluate the final model if the schedule missed it; wait for all."""
+        try:
+            if self._last_version != run.store.version:
+                self.submit(run)
+            self._collect(run, wait=True)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
 
-    def evaluate(self, run: RunView) -> None:
-        """Evaluate the current global model and record it."""
-        started = time.time()
+    def flush(self) -> None:
+        """Wait for and record every pending evaluation (before a checkpoint)."""
+        if self._run is not None:
+            self._collect(self._run, wait=True)
+
+    def submit(self, run: RunView) -> None:
+        """Evaluate the current global model (in the background if enabled)."""
         version = run.store.version
-        metrics = (
-            self.evaluate_fn(version, run.store.record()) if self.evaluate_fn else None
-        )
-        if metrics is not None:
-            run.result.evaluate_metrics_serverapp[version] = metrics
-        updates = len(run.history.merged())
-        run.history.evals.append(
-            EvalPoint(
+        self._last_version = version
+        future: Future[tuple[MetricRecord | None, float]]
+        if self._executor is not None:
+            future = self._executor.submit(self._evaluate, version, run.store.record())
+        else:
+            future = Future()
+            future.set_result(self._evaluate(version, run.store.record()))
+        self._queue.append(
+            _PendingEval(
                 version=version,
                 wall_time=run.scheduler.wall(),
                 sim_time=run.scheduler.now(),
-                client_updates=updates,
+                client_updates=self._updates,
+                future=future,
+            )
+        )
+        self._collect(run, wait=False)
+
+    def _evaluate(
+        self, version: int, arrays: ArrayRecord
+    ) -> tuple[MetricRecord | None, float]:
+        started = time.time()
+        metrics = self.evaluate_fn(version, arrays) if self.evaluate_fn else None
+        return metrics, time.time() - started
+
+    def _collect(self, run: RunView, *, wait: bool) -> None:
+        while self._queue and (wait or self._queue[0].future.done()):
+            pending = self._queue.popleft()
+            metrics, seconds = pending.future.result()
+            self._record(run, pending, metrics, seconds)
+
+    @staticmethod
+    def _record(
+        run: RunView,
+        pending: _PendingEval,
+        metrics: MetricRecord | None,
+        seconds: float,
+    ) -> None:
+        if metrics is not None:
+            run.result.evaluate_metrics_serverapp[pending.version] = metrics
+        run.history.evals.append(
+            EvalPoint(
+                version=pending.version,
+                wall_time=pending.wall_time,
+                sim_time=pending.sim_time,
+                client_updates=pending.client_updates,
                 metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
-                eval_seconds=time.time() - started,
+                eval_seconds=seconds,
             )
         )
         if metrics is not None:
             log(
                 INFO,
                 "[version %d] %s | updates %d | sim %.1fs | wall %.1fs",
-                version,
+                pending.version,
                 _metrics_line(metrics),
-                updates,
-                run.scheduler.now(),
-                run.scheduler.wall(),
+                pending.client_updates,
+                pending.sim_time,
+                pending.wall_time,
             )
 
 

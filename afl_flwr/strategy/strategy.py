@@ -137,6 +137,11 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
     eval_every : int (default: 1)
         Evaluate (``evaluate_fn`` and/or on clients) every this many versions
         and at the end.
+    background_evaluation : bool (default: True)
+        Run ``evaluate_fn`` in a background thread on the version's weights
+        while dispatch goes on; results are recorded in version order with the
+        numbers of their version. ``False`` evaluates inline (the loop waits),
+        for an ``evaluate_fn`` that is not thread-safe.
     fraction_evaluate : float (default: 0.0)
         Federated evaluation: fraction of nodes sent ``evaluate`` messages at
         each evaluation (idle nodes first); results go to
@@ -193,6 +198,7 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         seed: int = 0,
         clock: VirtualClock | None = None,
         eval_every: int = 1,
+        background_evaluation: bool = True,
         fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 2,
         max_time: float | None = None,
@@ -262,6 +268,8 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         self.seed = seed
         self.clock = clock
         self.eval_every = eval_every
+        self.background_evaluation = background_evaluation
+        self._central: CentralEvaluation | None = None
         self.fraction_evaluate = fraction_evaluate
         self.min_evaluate_nodes = min_evaluate_nodes
         self.max_time = max_time
@@ -323,6 +331,8 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
     def save_checkpoint(self) -> None:
         """Write the global model and every component's state atomically."""
         assert self.checkpoint_path is not None
+        if self._central is not None:
+            self._central.flush()  # the checkpoint's history has every evaluation
         agg_arrays, agg_meta = self.aggregator.state()
         state = {
             "version": self.version,
@@ -477,10 +487,10 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         evaluate_config: ConfigRecord | None,
         timeout: float,
     ) -> list[Hook]:
-        hooks: list[Hook] = [
-            ProgressLog(),
-            CentralEvaluation(evaluate_fn, self.eval_every),
-        ]
+        self._central = CentralEvaluation(
+            evaluate_fn, self.eval_every, background=self.background_evaluation
+        )
+        hooks: list[Hook] = [ProgressLog(), self._central]
         if self.fraction_evaluate > 0:
             hooks.append(
                 FederatedEvaluation(
