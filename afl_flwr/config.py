@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from afl_flwr.aggregators import aggregation_names
+from afl_flwr.clock import PROFILE_QUERIES
 from afl_flwr.data import DATASETS
 from afl_flwr.models import MODELS
 from afl_flwr.selection import SELECTIONS
@@ -77,6 +78,7 @@ class AppConfig:
     max_consecutive_failures: int = 0
     # Heterogeneous clients and the simulation clock.
     clock: str = "virtual"
+    profile_query: str = "on-join"
     speed_spread: float = 10.0
     straggler_fraction: float = 0.0
     straggler_slowdown: float = 10.0
@@ -133,6 +135,7 @@ class AppConfig:
         _choice("selection", self.selection, sorted(SELECTIONS))
         _choice("sync-selection", self.sync_selection, SYNC_SELECTIONS)
         _choice("clock", self.clock, CLOCKS)
+        _choice("profile-query", self.profile_query, PROFILE_QUERIES)
         for key in (
             "num-clients",
             "clients-per-round",

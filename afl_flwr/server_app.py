@@ -90,6 +90,7 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
             seed=cfg.seed,
             # Early stopping ends a job after patience + 1 epochs at the earliest.
             min_epochs=cfg.patience + 1,
+            profile_query=cfg.profile_query,
         )
         if cfg.clock == "virtual"
         else None
