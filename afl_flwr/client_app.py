@@ -23,7 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader, TensorDataset
 
-from afl_flwr.clock import NodeProfile, speed_factors
+from afl_flwr.clock import NodeProfile, speed_factor
 from afl_flwr.config import AppConfig, ConfigError
 from afl_flwr.constants import (
     ARRAYS_KEY,
@@ -169,13 +169,14 @@ def node_profile(context: Context, cfg: AppConfig, partition_id: int) -> NodePro
     """The node's profile: ``--node-config`` values win over run-config defaults."""
     speed = context.node_config.get(SPEED_FACTOR)
     if speed is None:
-        speed = speed_factors(
+        speed = speed_factor(
+            partition_id,
             cfg.num_clients,
             spread=cfg.speed_spread,
             straggler_fraction=cfg.straggler_fraction,
             straggler_slowdown=cfg.straggler_slowdown,
             seed=cfg.seed,
-        )[partition_id]
+        )
     max_delay = context.node_config.get(MAX_DELAY_S, cfg.max_delay_s)
     return NodeProfile(
         partition_id=partition_id,

@@ -15,6 +15,7 @@ the same run however fast the host is and however Ray schedules the clients.
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from logging import DEBUG, INFO, WARNING
 
 import numpy as np
@@ -145,6 +146,46 @@ def speed_factors(
     ]
     factors[stragglers] *= straggler_slowdown
     return factors
+
+
+@lru_cache(maxsize=8)
+def _cached_factors(
+    num_clients: int,
+    spread: float,
+    straggler_fraction: float,
+    straggler_slowdown: float,
+    seed: int,
+) -> tuple[float, ...]:
+    return tuple(
+        speed_factors(
+            num_clients,
+            spread=spread,
+            straggler_fraction=straggler_fraction,
+            straggler_slowdown=straggler_slowdown,
+            seed=seed,
+        ).tolist()
+    )
+
+
+def speed_factor(
+    partition_id: int,
+    num_clients: int,
+    *,
+    spread: float,
+    straggler_fraction: float = 0.0,
+    straggler_slowdown: float = 10.0,
+    seed: int = 0,
+) -> float:
+    """One partition's entry of :func:`speed_factors`, computed once per process.
+
+    A process serving many nodes (a Ray worker, the in-process engine) answers
+    each node's profile query from one cached draw instead of ``num_clients``
+    draws per query.
+    """
+    factors = _cached_factors(
+        num_clients, spread, straggler_fraction, straggler_slowdown, seed
+    )
+    return factors[partition_id]
 
 
 def planned_steps(num_examples: int, local_epochs: int, batch_size: int) -> int:

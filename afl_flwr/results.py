@@ -33,9 +33,10 @@ TEST_ACC = "test-acc"
 def eval_rows(history: RunHistory) -> list[dict[str, Any]]:
     """One row per evaluation, with the client updates merged since the previous.
 
-    Columns: version, client_updates, wall_time, sim_time, test_loss, test_acc,
-    mean_train_loss (of the updates merged since the previous evaluation) and
-    clients (their ids, space-separated).
+    Columns: version, client_updates, wall_time (when the version was
+    installed), sim_time, test_loss, test_acc, mean_train_loss (of the updates
+    merged since the previous evaluation), clients (their ids, space-separated)
+    and eval_seconds (the evaluation's own wall time).
     """
     rows = []
     previous = -1
@@ -52,6 +53,7 @@ def eval_rows(history: RunHistory) -> list[dict[str, Any]]:
                 "test_acc": point.metrics.get(TEST_ACC, ""),
                 "mean_train_loss": float(np.mean(losses)) if losses else "",
                 "clients": " ".join(str(e.client) for e in merged),
+                "eval_seconds": round(point.eval_seconds, 4),
             }
         )
         previous = point.version

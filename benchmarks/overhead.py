@@ -1,14 +1,16 @@
 """Framework overhead: an async simulation vs a bare PyTorch loop doing the same work.
 
 1. Run one asynchronous simulation through Flower's Ray runtime (in process)
-   and time it end to end.
+   and time it end to end; the same run on the in-process engine
+   (:mod:`afl_flwr.experiments.inprocess`, no Ray) is a second row.
 2. Replay exactly the client training it did — same partitions, same local
    epochs, same model, same batch size, one task per reply plus the tasks still
    in flight at the end — in a bare single-process PyTorch loop using every core
    (the physical floor on this machine), then the same central evaluations.
 3. Report the ratio and where the rest goes: Ray start-up and shutdown (outside
-   the strategy loop), central evaluation, and everything else in the loop
-   (scheduling, serialisation, Ray actors).
+   the strategy loop), the loop, the central evaluation (in a background
+   thread, overlapping training) and the wait for the final evaluation.
+   ``--repeats`` repeats everything; ratios are per repeat, with a t-interval.
 
 Usage::
 
@@ -16,7 +18,9 @@ Usage::
 """
 
 import argparse
+import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,14 @@ from torch.utils.data import DataLoader
 from afl_flwr.client_app import build_model
 from afl_flwr.config import AppConfig
 from afl_flwr.data import load_central_testset, load_partition
-from afl_flwr.experiments.runs import markdown_table, run_simulation_record
+from afl_flwr.experiments.runs import (
+    RunRecord,
+    load_run,
+    markdown_table,
+    run_simulation_record,
+)
+from afl_flwr.experiments.stats import t_interval
+from afl_flwr.simulate import simulate
 from afl_flwr.training import evaluate, get_device, train_local
 
 BASE: dict[str, Any] = {
@@ -72,6 +83,7 @@ def bare_loop(
             alpha=cfg.lr_delay_alpha,
             tau=0.0,
             patience=cfg.patience,
+            min_rel_delta=cfg.early_stop_delta,
             device=device,
         )
     train_s = time.perf_counter() - started
@@ -84,10 +96,32 @@ def bare_loop(
     return train_s, time.perf_counter() - started
 
 
+def simulation_row(run: RunRecord) -> dict[str, float]:
+    """Where one simulated run's wall time went (seconds)."""
+    evals = run.evals
+    # The loop ends once the final evaluation is recorded: it is waited for.
+    loop = float(evals[-1]["wall_time"]) + float(evals[-1]["eval_seconds"])
+    return {
+        "total": run.wall_seconds,
+        "outside": run.wall_seconds - loop,
+        "loop": loop,
+        "eval": float(run.summary["eval_seconds"]),
+        "final_eval": float(evals[-1]["eval_seconds"]),
+    }
+
+
+def replayed_tasks(run: RunRecord) -> list[int]:
+    """Partition ids of every task the run trained, in order."""
+    trained = [int(e["client"]) for e in run.events if e["status"] != "timeout"]
+    # Tasks still in flight at the end trained too; replay them on typical clients.
+    return trained + trained[: int(run.summary["abandoned_tasks"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--out", type=Path, default=Path("results/overhead"))
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run-config", action="append", default=None)
     args = parser.parse_args()
     overrides = {**BASE, **parse_config_args(args.run_config)}
@@ -97,42 +131,91 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = AppConfig.from_run_config(overrides)
 
-    run = run_simulation_record(overrides, "async simulation", progress="[1/2]")
-    trained = [int(e["client"]) for e in run.events if e["status"] != "timeout"]
-    # Tasks still in flight at the end trained too; replay them on typical clients.
-    trained += trained[: run.summary["abandoned_tasks"]]
-    # The floor is the faster of one thread and all cores (intra-op threading
-    # does not always pay off for small convolutions).
-    cores = os.cpu_count() or 1
-    probe = {t: bare_loop(cfg, trained[:2], 0, t)[0] for t in sorted({1, cores})}
-    threads = min(probe, key=probe.__getitem__)
-    print(f"[2/2] bare PyTorch loop: {len(trained)} tasks, {threads} thread(s) ...")
-    train_s, eval_s = bare_loop(cfg, trained, len(run.evals), threads)
-    bare = train_s + eval_s
+    steps = 3 * args.repeats
+    ray_rows, inproc_rows, bare_rows, raw = [], [], [], []
+    threads = 1
+    for rep in range(args.repeats):
+        step = 3 * rep
+        print(f"[{step + 1}/{steps}] Flower Ray simulation ...", flush=True)
+        started = time.time()
+        path = simulate(overrides, client_cpus=1)
+        ray_run = load_run(path, "ray", time.time() - started)
+        inproc_run = run_simulation_record(
+            overrides, "in-process engine", progress=f"[{step + 2}/{steps}]"
+        )
+        trained = replayed_tasks(ray_run)
+        if rep == 0:
+            # The floor is the faster of one thread and all cores (intra-op
+            # threading does not always pay off for small convolutions).
+            cores = os.cpu_count() or 1
+            probe = {
+                t: bare_loop(cfg, trained[:2], 0, t)[0] for t in sorted({1, cores})
+            }
+            threads = min(probe, key=probe.__getitem__)
+        print(
+            f"[{step + 3}/{steps}] bare PyTorch loop: {len(trained)} tasks, "
+            f"{threads} thread(s) ...",
+            flush=True,
+        )
+        train_s, eval_s = bare_loop(cfg, trained, len(ray_run.evals), threads)
+        ray_rows.append(simulation_row(ray_run))
+        inproc_rows.append(simulation_row(inproc_run))
+        bare_rows.append({"train": train_s, "eval": eval_s, "total": train_s + eval_s})
+        raw.append(
+            {
+                "ray": ray_rows[-1],
+                "inprocess": inproc_rows[-1],
+                "bare": bare_rows[-1],
+                "tasks": len(trained),
+                "evaluations": len(ray_run.evals),
+            }
+        )
 
-    total = run.wall_seconds
-    loop = float(run.evals[-1]["wall_time"])
-    sim_eval = float(run.summary["eval_seconds"])
+    def ratio(rows: list[dict[str, float]], key: str) -> str:
+        return t_interval(
+            [r[key] / b["total"] for r, b in zip(rows, bare_rows, strict=True)]
+        ).format()
+
+    def mean(rows: list[dict[str, float]], key: str) -> float:
+        return statistics.fmean(r[key] for r in rows)
+
     rows = [
-        ["bare PyTorch loop (train + eval)", bare, 1.0],
-        ["async simulation, end to end", total, total / bare],
-        ["  Ray start-up/shutdown, data load (outside the loop)", total - loop, ""],
-        ["  central evaluation", sim_eval, ""],
+        ["bare PyTorch loop (train + eval)", mean(bare_rows, "total"), "1"],
         [
-            "  rest of the loop (training, scheduling, serialisation)",
-            loop - sim_eval,
+            "Flower Ray simulation, end to end",
+            mean(ray_rows, "total"),
+            ratio(ray_rows, "total"),
+        ],
+        [
+            "  Ray start-up/shutdown, data load (outside the loop)",
+            mean(ray_rows, "outside"),
             "",
         ],
-        ["async loop without start-up", loop, loop / bare],
+        ["  the asynchronous loop", mean(ray_rows, "loop"), ratio(ray_rows, "loop")],
+        [
+            "    central evaluation (background thread, overlaps training)",
+            mean(ray_rows, "eval"),
+            "",
+        ],
+        ["    waiting for the final evaluation", mean(ray_rows, "final_eval"), ""],
+        [
+            "in-process engine (no Ray), end to end",
+            mean(inproc_rows, "total"),
+            ratio(inproc_rows, "total"),
+        ],
     ]
-    table = markdown_table(["what", "wall s", "x bare"], rows)
+    table = markdown_table(["what", "wall s (mean)", "x bare, mean [95% CI]"], rows)
     note = (
-        f"\n{len(trained)} client tasks ({cfg.local_epochs} local epochs, model "
-        f"{cfg.model}, {cfg.clients_per_round} clients in parallel) and "
-        f"{len(run.evals)} central evaluations; bare loop uses "
-        f"{threads} thread(s) (probe: {probe}).\n"
+        f"\n{args.repeats} repeats of the same seeded run: {raw[0]['tasks']} client "
+        f"tasks ({cfg.local_epochs} local epochs, model {cfg.model}, "
+        f"{cfg.clients_per_round} clients in parallel, 1 CPU each) and "
+        f"{raw[0]['evaluations']} central evaluations (eval-every "
+        f"{cfg.eval_every}); the bare loop does the same tasks and evaluations in "
+        f"one process with {threads} thread(s) (probe: {probe}). Ratios are "
+        "per repeat (simulation / bare loop of the same repeat).\n"
     )
     (args.out / "overhead.md").write_text(table + note)
+    (args.out / "overhead.json").write_text(json.dumps(raw, indent=2))
     print(table + note)
 
 

@@ -15,7 +15,7 @@ from conftest import FakeGrid, make_params, shift_by, to_record
 from flwr.app import MetricRecord
 
 from afl_flwr import StalenessAwareAsyncStrategy, VirtualClock
-from afl_flwr.clock import NodeProfile
+from afl_flwr.clock import NodeProfile, speed_factor, speed_factors
 from afl_flwr.history import MERGED
 from afl_flwr.selection import WithoutReplacement, WithReplacement
 
@@ -363,3 +363,15 @@ def test_large_federation_run_merges_and_dispatches_through_the_strategy():
     assert len(set(merged)) == 80
     queried = [n for kind, n in grid.log if kind == "query"]
     assert len(queried) < 200  # only the nodes that got work were asked
+
+
+def test_one_partitions_speed_factor_equals_its_entry_of_the_full_draw():
+    # Prepare
+    kwargs = {"spread": 10.0, "straggler_fraction": 0.2, "seed": 3}
+    full = speed_factors(50, **kwargs)
+
+    # Execute
+    one = [speed_factor(pid, 50, **kwargs) for pid in range(50)]
+
+    # Assert
+    assert one == full.tolist()
