@@ -32,7 +32,6 @@ A part that is not run keeps its rows from an earlier ``scale.json``.
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
@@ -81,29 +80,9 @@ NA = "n/a"
 
 
 # ------------------------------------------------------------- the virtual clock
-def lazy_profile_kwargs() -> dict[str, Any] | None:
-    """``VirtualClock`` keyword arguments that ask profiles lazily, if it has any.
-
-    The knob is recognised by name; ``None`` when this version has none (the
-    benchmark then reports the lazy rows as n/a).
-    """
-    parameters = inspect.signature(VirtualClock).parameters
-    if "profiles" in parameters:
-        return {"profiles": "lazy"}
-    if "lazy_profiles" in parameters:
-        return {"lazy_profiles": True}
-    if "lazy" in parameters:
-        return {"lazy": True}
-    return None
-
-
 def make_clock(mode: str) -> VirtualClock | None:
-    """The clock of a clock mode (``arrival``: none, wall order).
-
-    Raises
-    ------
-    NotImplementedError
-        For ``virtual-lazy`` when ``VirtualClock`` has no lazy-profile knob.
+    """The clock of a clock mode (``arrival``: none, wall order; ``virtual``:
+    profiles asked on join; ``virtual-lazy``: asked at a node's first dispatch).
     """
     if mode not in CLOCKS:
         raise ValueError(f"clock mode {mode!r}; allowed: {', '.join(CLOCKS)}")
@@ -116,10 +95,7 @@ def make_clock(mode: str) -> VirtualClock | None:
         "seed": 0,
     }
     if mode == "virtual-lazy":
-        lazy = lazy_profile_kwargs()
-        if lazy is None:
-            raise NotImplementedError("VirtualClock has no lazy-profile option")
-        kwargs.update(lazy)
+        kwargs["profile_query"] = "first-dispatch"
     return VirtualClock(**kwargs)
 
 
@@ -318,8 +294,7 @@ def strategy_rows(
     """Part A over every (rule, clock, N): timed repeats plus one traced run.
 
     Torch runs on one thread and Flower logs warnings only meanwhile (on a busy
-    machine, waking a second intra-op thread costs milliseconds per merge). A
-    row whose clock mode this version lacks has ``"supported": False``.
+    machine, waking a second intra-op thread costs milliseconds per merge).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -350,16 +325,11 @@ def _strategy_rows(  # pylint: disable=too-many-arguments,too-many-positional-ar
                     "updates": updates,
                     "concurrency": concurrency,
                 }
-                try:
-                    timed = [
-                        run_strategy_alone(num_nodes, **kwargs) for _ in range(repeats)
-                    ]
-                except NotImplementedError as err:
-                    print(f"[strategy] {rule} {clock} N={num_nodes}: n/a ({err})")
-                    rows.append({**row, "supported": False})
-                    continue
+                timed = [
+                    run_strategy_alone(num_nodes, **kwargs) for _ in range(repeats)
+                ]
                 traced = run_strategy_alone(num_nodes, trace_memory=True, **kwargs)
-                row.update(_summarise(timed), supported=True, repeats=timed)
+                row.update(_summarise(timed), repeats=timed)
                 row["traced_peak_mib"] = traced["traced_peak_mib"]
                 row["traced_retained_mib"] = traced["traced_retained_mib"]
                 row["traced_run"] = traced
@@ -615,21 +585,15 @@ def _simulation_rows(  # pylint: disable=too-many-arguments,too-many-positional-
             row: dict[str, Any] = {"clock": clock, "nodes": num_nodes}
             row_started = time.perf_counter()
             print(f"[simulation] {clock} N={num_nodes}: running ...", flush=True)
-            try:
-                runs = [
-                    run_in_simulation(
-                        num_nodes, clock=clock, updates=updates, concurrency=concurrency
-                    )
-                    for _ in range(repeats)
-                ]
-            except NotImplementedError as err:
-                print(f"[simulation] {clock} N={num_nodes}: n/a ({err})")
-                rows.append({**row, "supported": False})
-                continue
+            runs = [
+                run_in_simulation(
+                    num_nodes, clock=clock, updates=updates, concurrency=concurrency
+                )
+                for _ in range(repeats)
+            ]
             keys = [k for k, v in runs[0].items() if isinstance(v, float)]
             row.update({k: statistics.median(r[k] for r in runs) for k in keys})
             row.update(
-                supported=True,
                 updates=runs[0]["updates"],
                 tasks=runs[0]["tasks"],
                 processes=runs[0]["processes"],
@@ -666,20 +630,11 @@ def _fmt(value: Any, digits: str = ".3g") -> str:
 
 
 def strategy_table(rows: list[dict[str, Any]]) -> str:
-    """Part A's markdown table; ``x smallest N``: ms/update over the smallest N's.
-
-    A (rule, clock) this version lacks gets one n/a row.
-    """
+    """Part A's markdown table; ``x smallest N``: ms/update over the smallest N's."""
     smallest: dict[tuple[str, str], float] = {}
-    unsupported: set[tuple[str, str]] = set()
     out = []
     for row in rows:
         key = (row["rule"], row["clock"])
-        if not row["supported"]:
-            if key not in unsupported:
-                out.append([*key, "all", *[NA] * 8])
-                unsupported.add(key)
-            continue
         base = smallest.setdefault(key, row["ms_per_update"])
         out.append(
             [
@@ -716,9 +671,6 @@ def simulation_table(rows: list[dict[str, Any]]) -> str:
     smallest: dict[str, float] = {}
     out = []
     for row in rows:
-        if not row["supported"]:
-            out.append([row["clock"], row["nodes"], *[NA] * 10])
-            continue
         base = smallest.setdefault(row["clock"], row["updates_per_s"])
         out.append(
             [
@@ -775,8 +727,9 @@ def strategy_note(meta: dict[str, Any]) -> str:
         "`start()` (the allocator reuses memory freed by earlier runs, so it can "
         "read low). `ca2fl` caches one float16 delta per client that replied "
         "(*clients replied*), so its memory grows with that count (at most N), "
-        "not with N itself; `virtual-lazy` is n/a while `VirtualClock` has no "
-        f"lazy-profile option. Machine: {meta['machine']}.\n"
+        "not with N itself. `virtual` asks every node for its profile on join "
+        "(start-up), `virtual-lazy` at its first dispatch "
+        f'(`profile-query = "first-dispatch"`). Machine: {meta["machine"]}.\n'
     )
 
 

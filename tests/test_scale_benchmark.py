@@ -28,7 +28,7 @@ def test_every_rule_clock_and_n_gets_a_row_with_the_requested_updates(scale):
     rows = scale.strategy_rows(
         [10, 50],
         rules=("fedbuff", "ca2fl"),
-        clocks=("arrival", "virtual"),
+        clocks=("arrival", "virtual", "virtual-lazy"),
         updates=20,
         concurrency=5,
         repeats=2,
@@ -37,32 +37,22 @@ def test_every_rule_clock_and_n_gets_a_row_with_the_requested_updates(scale):
     assert [(r["rule"], r["clock"], r["nodes"]) for r in rows] == [
         (rule, clock, n)
         for rule in ("fedbuff", "ca2fl")
-        for clock in ("arrival", "virtual")
+        for clock in ("arrival", "virtual", "virtual-lazy")
         for n in (10, 50)
     ]
     for row in rows:
-        assert row["supported"]
         assert len(row["repeats"]) == 2
         assert all(run["updates"] == 20 for run in row["repeats"])
         assert row["traced_run"]["updates"] == 20
         assert row["traced_peak_mib"] > 0
         assert 0 < row["distinct_clients"] <= row["nodes"]
-        queries = row["nodes"] if row["clock"] == "virtual" else 0
-        assert all(run["profile_queries"] == queries for run in row["repeats"])
-
-
-def test_a_clock_mode_this_version_lacks_is_reported_not_failed(scale, monkeypatch):
-    monkeypatch.setattr(scale, "lazy_profile_kwargs", lambda: None)
-
-    rows = scale.strategy_rows(
-        [10], rules=("fedbuff",), clocks=("virtual-lazy",), updates=5, concurrency=5
-    )
-    table = scale.strategy_table(rows)
-
-    assert rows == [
-        {"rule": "fedbuff", "clock": "virtual-lazy", "nodes": 10, "supported": False}
-    ]
-    assert "| fedbuff | virtual-lazy | all | n/a |" in table
+        queries = [run["profile_queries"] for run in row["repeats"]]
+        if row["clock"] == "virtual":  # every node, on join
+            assert queries == [row["nodes"]] * 2
+        elif row["clock"] == "virtual-lazy":  # only nodes that got work
+            assert all(0 < q <= min(row["nodes"], 20 + 5) for q in queries)
+        else:
+            assert queries == [0, 0]
 
 
 def test_the_table_compares_each_n_with_the_smallest(scale):
@@ -71,7 +61,6 @@ def test_the_table_compares_each_n_with_the_smallest(scale):
             "rule": "fedbuff",
             "clock": "arrival",
             "nodes": nodes,
-            "supported": True,
             "startup_s": 0.1,
             "ms_per_update": ms,
             "strategy_ms_per_update": ms / 2,
