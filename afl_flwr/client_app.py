@@ -93,7 +93,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     """Train the received model locally and reply with weights and metrics."""
     entered = time.perf_counter()
-    process_age = _process_age_s()
+    process_age, startup_cpu = _process_age_s(), time.process_time()
     partition_id = node_partition(context, cfg)
     trainset = client_trainset(cfg, partition_id)
     data_loaded = time.perf_counter()
@@ -127,9 +127,10 @@ def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     if next(_TRAIN_TASKS) == 0:
         log(
             INFO,
-            "Cold task timing: process age %.3f s, data %.3f s, model %.3f s, "
-            "train %.3f s",
+            "Cold task timing: process age %.3f s (cpu %.3f s), data %.3f s, "
+            "model %.3f s, train %.3f s",
             process_age,
+            startup_cpu,
             data_loaded - entered,
             model_built - data_loaded,
             time.perf_counter() - started,

@@ -100,9 +100,10 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 # N SuperNodes share this machine's cores: one intra-op thread per ClientApp
 # avoids oversubscription (which slows PyTorch down several-fold).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-# Each SuperNode's SuperExec asks for a new task every this many seconds (Flower's
-# default 1 s adds half a second to every task on average).
-export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+# Each SuperNode's SuperExec asks for a new task every this many seconds: Flower's
+# default 1 s adds 0.5 s to every task on average, 0.1 s costs each SuperExec
+# about 4% of a core in polls (benchmarks/deployment.py); 0.25 s is between.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.25}"
 
 pids=()
 cleanup() {
