@@ -5,7 +5,7 @@
    interpreter start, the Flower ClientApp runtime's imports, the app's imports,
    the node's partition (on-disk cache cold, then warm) and the model build.
    ``--baseline-src DIR`` (a checkout of an older commit) measures the same probe
-   on that code, for a before/after in one run.
+   on that code and deploys that app too, for a before/after in one run.
 2. **Deployment**: ``docker/run-local-deployment.sh --insecure`` (a SuperLink, N
    SuperNodes and ``flwr run`` on 127.0.0.1, bounded in time, every process
    stopped afterwards). Each SuperNode's ClientApp logs the split of every task
@@ -209,9 +209,9 @@ class CpuSampler(threading.Thread):
 
 
 def deploy(
-    args: argparse.Namespace, config: dict[str, Any], work: Path
+    args: argparse.Namespace, config: dict[str, Any], work: Path, app: Path
 ) -> dict[str, Any]:
-    """Run the runbook once; return its wall time, summary and per-task data."""
+    """Run the runbook on ``app``; return its wall time, summary and task data."""
     port = free_port_block(1)
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
     command = [
@@ -231,8 +231,7 @@ def deploy(
         "--run-config",
         overrides,
     ]
-    if args.app:
-        command += ["--app", str(args.app)]
+    command += ["--app", str(app)]
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -349,6 +348,11 @@ def tables(result: dict[str, Any]) -> str:
             ],
             ["node cycle, reply to reply", cycle],
             ["**fixed cost per task** (cycle - training)", fixed],
+            *(
+                [["baseline app: node cycle", statistics.median(base["cycles"])]]
+                if (base := result.get("baseline_deployment"))
+                else []
+            ),
         ],
     )
     sim_update = statistics.mean(per_update(run["summary"]) for run in sims)
@@ -356,6 +360,10 @@ def tables(result: dict[str, Any]) -> str:
         (f"simulation {i + 1} (in-process engine)", run) for i, run in enumerate(sims)
     ]
     runs.insert(1, (f"deployment ({result['nodes']} SuperNodes, insecure)", dep))
+    if "baseline_deployment" in result:
+        runs.insert(
+            2, ("deployment of the baseline app", result["baseline_deployment"])
+        )
     throughput = markdown_table(
         [
             "run",
@@ -405,8 +413,12 @@ def main() -> None:
     parser.add_argument("--versions", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=420.0)
-    parser.add_argument("--app", type=Path, default=None, help="app to deploy")
-    parser.add_argument("--baseline-src", type=Path, default=None)
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="an older checkout: its cold task probe, and its app deployed too",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     if args.versions < 2:
@@ -427,7 +439,12 @@ def main() -> None:
         print("[2/4] simulation ...", flush=True)
         simulation.append(simulate(config, Path(tmp) / "sim-1"))
         print("[3/4] deployment ...", flush=True)
-        deployment = deploy(args, config, Path(tmp) / "deployment" / "work")
+        deployment = deploy(args, config, Path(tmp) / "deployment" / "work", REPO)
+        if args.baseline_src:
+            print("[3/4] deployment of the baseline app ...", flush=True)
+            baseline = deploy(
+                args, config, Path(tmp) / "baseline" / "work", args.baseline_src
+            )
         print("[4/4] simulation again ...", flush=True)
         simulation.append(simulate(config, Path(tmp) / "sim-2"))
     result = {
@@ -438,6 +455,8 @@ def main() -> None:
         "deployment": deployment,
         "simulation": simulation,
     }
+    if args.baseline_src:
+        result["baseline_deployment"] = baseline
     (args.out / "deployment.json").write_text(json.dumps(result, indent=1) + "\n")
     report = tables(result)
     (args.out / "deployment.md").write_text(report)
