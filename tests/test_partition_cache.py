@@ -1,5 +1,6 @@
 """The on-disk partition cache: hits, rebuilds, keys, and a light client import."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -280,3 +281,38 @@ def test_client_path_imports_no_dataset_hub_or_plotting(
     size, imported = proc.stdout.strip().splitlines()[-2:]
     assert int(size) == len(fresh_load(idx_dir))
     assert json.loads(imported) == []
+
+
+def test_only_the_first_train_task_of_a_process_logs_its_cold_start(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a fresh process's task counter, and a recorder for the log.
+    from afl_flwr import client_app
+    from afl_flwr.experiments.inprocess import run_inprocess
+
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(client_app, "_TRAIN_TASKS", itertools.count())
+    monkeypatch.setattr(client_app, "log", lambda *args: calls.append(args))
+    config = {
+        "model": "mlp",
+        "num-clients": 2,
+        "clients-per-round": 2,
+        "local-epochs": 1,
+        "num-server-rounds": 3,
+        "num-test": 500,
+        "clock": "none",
+        "data-dir": str(mnist_dir),
+        "results-dir": str(tmp_path),
+    }
+
+    # Execute: several train tasks in this one process.
+    outcome = run_inprocess(config)
+
+    # Assert
+    summary = json.loads((outcome.results_path / "summary.json").read_text())
+    assert summary["updates"]["merged"] >= 3
+    timings = [c for c in calls if "Cold task timing" in str(c[1])]
+    assert len(timings) == 1
+    age, cpu, *phases = timings[0][2:]
+    assert age > 0 and cpu > 0  # the process started before this test ran
+    assert all(phase >= 0 for phase in phases) and len(phases) == 3
