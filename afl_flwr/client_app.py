@@ -3,11 +3,21 @@
 Handles ``train`` (local training from the received global model),
 ``evaluate`` (the global model on the local partition) and ``query.profile``
 (the node's speed/delay profile, used by the server's simulated clock).
+
+A deployed SuperNode runs every message in a fresh process, so what a task costs
+before training (interpreter, imports, data, model) is paid per task: the first
+train task of each process logs that split (``Cold task timing: ...``), which
+``benchmarks/deployment.py`` reads, and partitions come from the on-disk cache of
+:mod:`afl_flwr.partition_cache`.
 """
 
+import itertools
+import os
 import time
 from collections.abc import Mapping
 from functools import lru_cache
+from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +31,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch.utils.data import DataLoader, TensorDataset
 
 from afl_flwr.clock import NodeProfile, speed_factor
@@ -44,9 +55,13 @@ from afl_flwr.constants import (
     TASK_SEED,
     TRAIN_LOSS,
 )
-from afl_flwr.data import get_dataset_spec, load_partition
+from afl_flwr.data import get_dataset_spec
 from afl_flwr.models import get_model
+from afl_flwr.partition_cache import PartitionRequest, load_partition_cached
 from afl_flwr.training import evaluate, get_device, train_local
+
+# Train tasks handled by this process; the first one logs its cold-start timing.
+_TRAIN_TASKS = itertools.count()
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -77,8 +92,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
 def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     """Train the received model locally and reply with weights and metrics."""
+    entered = time.perf_counter()
+    process_age, startup_cpu = _process_age_s(), time.process_time()
     partition_id = node_partition(context, cfg)
     trainset = client_trainset(cfg, partition_id)
+    data_loaded = time.perf_counter()
     config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     tau = _number(config.get(CLIENT_DELAY, 0), CLIENT_DELAY)
     epochs = int(_number(config.get(LOCAL_EPOCHS, cfg.local_epochs), LOCAL_EPOCHS))
@@ -86,6 +104,7 @@ def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
 
     model = build_model(cfg)
     model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
+    model_built = time.perf_counter()
     torch.manual_seed(task_seed)
     loader = DataLoader(
         trainset,
@@ -105,6 +124,17 @@ def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
         min_rel_delta=cfg.early_stop_delta,
         device=get_device(),
     )
+    if next(_TRAIN_TASKS) == 0:
+        log(
+            INFO,
+            "Cold task timing: process age %.3f s (cpu %.3f s), data %.3f s, "
+            "model %.3f s, train %.3f s",
+            process_age,
+            startup_cpu,
+            data_loaded - entered,
+            model_built - data_loaded,
+            time.perf_counter() - started,
+        )
     if cfg.clock == "real":
         profile = node_profile(context, cfg, partition_id)
         _sleep_like(profile, time.perf_counter() - started, task_seed)
@@ -190,16 +220,17 @@ def node_profile(context: Context, cfg: AppConfig, partition_id: int) -> NodePro
 # (a Ray worker hosting many nodes, or the in-process benchmark engine).
 @lru_cache(maxsize=256)
 def client_trainset(cfg: AppConfig, partition_id: int) -> TensorDataset:
-    """Return the training partition of a node, loaded once per process."""
-    return load_partition(
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.num_clients,
-        partition_id,
-        cfg.dirichlet_alpha,
-        cfg.seed,
+    """Return the training partition of a node: once per process, once per disk."""
+    request = PartitionRequest(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        num_partitions=cfg.num_clients,
+        partition_id=partition_id,
+        alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
         num_test=cfg.num_test,
     )
+    return load_partition_cached(request)
 
 
 def build_model(cfg: AppConfig) -> torch.nn.Module:
@@ -213,6 +244,17 @@ def _number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"config '{key}'={value!r} must be a number")
     return float(value)
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    # Field 22 of stat (the 20th after the command name): start time in ticks.
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _sleep_like(profile: NodeProfile, compute_s: float, task_seed: int) -> None:

@@ -19,7 +19,10 @@ normalised with mean 0.5 and std 0.5 per channel, as in the paper, i.e. in
 
 Each process loads and partitions a data set once: :func:`load_partition`,
 :func:`load_central_testset` and :func:`partition_sizes` share one
-``functools.lru_cache``-backed pool, reused across messages.
+``functools.lru_cache``-backed pool, reused across messages. Hugging Face
+``datasets`` and ``flwr_datasets`` (with their pandas/matplotlib imports) are
+imported only when a pool is built, so a process that reads a partition from the
+on-disk cache (:mod:`afl_flwr.partition_cache`) never pays for them.
 """
 
 import gzip
@@ -28,14 +31,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from flwr.common.logger import log
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import DirichletPartitioner
 from torch.utils.data import TensorDataset
+
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
 
 from afl_flwr.constants import NUM_PARTITIONS, PARTITION_ID
 
@@ -128,8 +133,8 @@ DATASETS: dict[str, DatasetSpec] = {
 class _Splits:
     """The training pool to partition and the central test set."""
 
-    pool: datasets.Dataset
-    testset: datasets.Dataset
+    pool: "datasets.Dataset"
+    testset: "datasets.Dataset"
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
@@ -292,13 +297,13 @@ def min_partition_size(pool_size: int, num_partitions: int) -> int:
 
 
 def partition_pool(
-    pool: datasets.Dataset,
+    pool: "datasets.Dataset",
     *,
     num_partitions: int,
     alpha: float,
     seed: int,
     label_key: str = "label",
-) -> DirichletPartitioner:
+) -> "DirichletPartitioner":
     """Partition ``pool`` by label with Flower's Dirichlet partitioner.
 
     Each label's examples are spread over the partitions in Dir(``alpha``)
@@ -397,7 +402,7 @@ def images_to_tensor(
     return ((tensor.to(torch.float32) / 255.0 - shift) / scale).contiguous()
 
 
-def to_tensor_dataset(ds: datasets.Dataset, spec: DatasetSpec) -> TensorDataset:
+def to_tensor_dataset(ds: "datasets.Dataset", spec: DatasetSpec) -> TensorDataset:
     """Convert a Hugging Face data set of ``spec`` to ``TensorDataset(x, y)``.
 
     The whole data set is decoded in one numpy-formatted read, then normalised
@@ -533,6 +538,20 @@ def partition_sizes(
     )
 
 
+def source_files(dataset: str, data_dir: str) -> list[Path]:
+    """Return the files an offline load of ``dataset`` reads from ``data_dir``.
+
+    Absolute paths, in load order; empty online (``data_dir = ""``) or when
+    ``data_dir`` holds none of the registry entry's IDX files.
+    """
+    if not data_dir:
+        return []
+    directory = Path(_canonical_dir(data_dir))
+    names = [name for pair in get_dataset_spec(dataset).idx_files for name in pair]
+    found = (_find_idx_file(directory, name) for name in names)
+    return [path for path in found if path is not None]
+
+
 def _find_idx_file(directory: Path, name: str) -> Path | None:
     """Return ``directory/name`` or ``directory/name.gz``, whichever exists first."""
     for candidate in (directory / name, directory / f"{name}.gz"):
@@ -566,14 +585,16 @@ def _read_idx_pair(
 
 
 def _draw_partitions(
-    pool: datasets.Dataset,
+    pool: "datasets.Dataset",
     num_partitions: int,
     alpha: float,
     seed: int,
     label_key: str,
     min_size: int,
-) -> DirichletPartitioner:
+) -> "DirichletPartitioner":
     """Build a Dirichlet partitioner on ``pool`` and draw its partitions now."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(
         num_partitions=num_partitions,
         partition_by=label_key,
@@ -627,7 +648,7 @@ def _federated_pool(
     alpha: float,
     seed: int,
     num_test: int,
-) -> DirichletPartitioner:
+) -> "DirichletPartitioner":
     """Return the partitioner of the cached pool, partitions drawn once."""
     spec = get_dataset_spec(dataset)
     pool = _splits(dataset, data_dir, num_test).pool
@@ -668,6 +689,8 @@ def _partition_sizes(
 
 def _load_offline(spec: DatasetSpec, data_dir: str, num_test: int) -> _Splits:
     """Read ``spec``'s IDX files and split them into pool and test set."""
+    import datasets  # heavy (pyarrow, pandas): only where a pool is built
+
     if not spec.idx_files:
         raise ValueError(
             f"Offline data ({DATA_DIR_KEY}={data_dir!r}) is not supported for "
@@ -717,6 +740,8 @@ def _load_online(spec: DatasetSpec) -> _Splits:
         If the download or loading fails for any reason (no network, Hub error);
         the message gives the cause and how to run offline.
     """
+    from flwr_datasets import FederatedDataset
+
     # Partitioners are attached per (num-partitions, alpha, seed) by the cache
     # above, so one download serves them all and the test set needs none.
     try:

@@ -16,6 +16,11 @@ them again into a fresh environment for every run). ``--run-config`` takes
 ``key=value`` strings and Flower run-config TOML files (``presets/*.toml``), in
 any number and order; later values win. A local SuperLink that this command had
 to start is stopped again when the run ends.
+
+``afl-flwr check --nodes N --run-config ...`` validates the run config a
+deployment of N SuperNodes would get (the app's ``pyproject.toml`` values, then
+the overrides) and exits 2 with the error if it cannot work;
+``docker/run-local-deployment.sh`` runs it before it starts any process.
 """
 
 import argparse
@@ -32,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from click import ClickException
-from flwr.common.config import parse_config_args
+from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from afl_flwr.config import AppConfig, ConfigError
+from afl_flwr.constants import PARTITION_ID
+from afl_flwr.data import DATA_DIR_KEY, source_files
 
 NO_DEP_INSTALL = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
@@ -124,6 +131,63 @@ def stop_processes(pids: Sequence[int], grace_s: float = 10.0) -> None:
             _signal(pid, signal.SIGKILL)
 
 
+def check_deployment(
+    app_dir: Path, values: Sequence[str] | None, nodes: int
+) -> AppConfig:
+    """Validate the run config of a deployment of ``nodes`` SuperNodes.
+
+    The config is the app's ``[tool.flwr.app.config]`` with ``values`` applied in
+    order, as ``flwr run --run-config`` builds it. SuperNode ``i`` serves
+    ``partition-id = i``.
+
+    Raises
+    ------
+    ConfigError
+        If :meth:`AppConfig.from_run_config` refuses the config, ``num-clients``
+        is below ``nodes`` (a node's partition id would be out of range), or
+        ``data-dir`` holds no data set files.
+    """
+    try:
+        project = get_project_config(app_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"app {str(app_dir)!r}: {err}") from err
+    defaults = flatten_dict(project["tool"]["flwr"]["app"].get("config", {}))
+    cfg = AppConfig.from_run_config({**defaults, **read_run_config(values)})
+    if cfg.num_clients < nodes:
+        raise ConfigError(
+            f"num-clients={cfg.num_clients} is below the {nodes} SuperNodes: "
+            f"{PARTITION_ID}={nodes - 1} would be out of range; allowed: "
+            f"num-clients >= {nodes}"
+        )
+    if cfg.data_dir and not source_files(cfg.dataset, cfg.data_dir):
+        raise ConfigError(
+            f"{DATA_DIR_KEY}={cfg.data_dir!r} holds no {cfg.dataset} IDX files"
+        )
+    return cfg
+
+
+def check(argv: Sequence[str]) -> int:
+    """``afl-flwr check``: refuse a deployment config before any process starts."""
+    parser = argparse.ArgumentParser(
+        prog="afl-flwr check",
+        description="Validate the run config of a deployment of N SuperNodes.",
+    )
+    parser.add_argument("app", nargs="?", default=".", help="app directory (default .)")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--run-config", action="append", default=None)
+    args = parser.parse_args(argv)
+    try:
+        cfg = check_deployment(Path(args.app), args.run_config, args.nodes)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"Run config OK for {args.nodes} SuperNodes: mode={cfg.mode} "
+        f"num-clients={cfg.num_clients} clients-per-round={cfg.clients_per_round}"
+    )
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
     """``afl-flwr run``: validate, run through ``flwr run``, clean up."""
     parser = argparse.ArgumentParser(prog="afl-flwr run", description=__doc__)
@@ -204,13 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": run,
         "simulate": _simulate,
         "experiment": _experiment,
+        "check": check,
     }
     if not argv or argv[0] not in commands:
         print(
-            "usage: afl-flwr {run,simulate,experiment} ...\n"
+            "usage: afl-flwr {run,simulate,experiment,check} ...\n"
             "  run         run the app with `flwr run` (simulation or SuperLink)\n"
             "  simulate    run in-process with Flower's run_simulation\n"
-            "  experiment  reproduce one of the paper's studies (see README)",
+            "  experiment  reproduce one of the paper's studies (see README)\n"
+            "  check       validate a deployment's run config (N SuperNodes)",
             file=sys.stderr,
         )
         return 2

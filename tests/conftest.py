@@ -1,8 +1,10 @@
 """Shared test fixtures: the real MNIST folder and a scripted fake Grid."""
 
 import contextlib
+import gzip
 import os
 import signal
+import struct
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,12 +25,23 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from afl_flwr.partition_cache import CACHE_DIR_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 # A reply factory gets (node_id, the train message, its arrays as numpy) and
 # returns reply content (RecordDict), an Error, or None (never reply).
 ReplyFn = Callable[[int, Message, dict[str, np.ndarray]], RecordDict | Error | None]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def partition_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Tests and the processes they start cache partitions in a private folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        directory = tmp_path_factory.mktemp("partition-cache")
+        patch.setenv(CACHE_DIR_ENV, str(directory))
+        yield directory
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +51,14 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as an IDX file, gzip-compressed if named ``*.gz``."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,14 @@
 """Tests for the data module: IDX reading, split, tensors, partitions, errors."""
 
-import gzip
-import struct
 from collections import Counter
 from pathlib import Path
 
 import datasets
+import flwr_datasets
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from flwr_datasets.partitioner import DirichletPartitioner
 from PIL import Image
 
@@ -27,14 +27,6 @@ requires_mnist = pytest.mark.skipif(
 )
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` (uint8) as an IDX file, gzip-compressed if named ``*.gz``."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
-
-
 def _tiny_idx_dir(directory: Path, *, train: int, test: int) -> tuple[np.ndarray, ...]:
     """Write a plain ``train-*`` pair and a gzipped ``t10k-*`` pair of 4x4 images."""
     rng = np.random.default_rng(0)
@@ -42,10 +34,10 @@ def _tiny_idx_dir(directory: Path, *, train: int, test: int) -> tuple[np.ndarray
     train_y = rng.integers(0, 10, size=train, dtype=np.uint8)
     test_x = rng.integers(0, 256, size=(test, 4, 4), dtype=np.uint8)
     test_y = rng.integers(0, 10, size=test, dtype=np.uint8)
-    _write_idx(directory / "train-images-idx3-ubyte", train_x)
-    _write_idx(directory / "train-labels-idx1-ubyte", train_y)
-    _write_idx(directory / "t10k-images-idx3-ubyte.gz", test_x)
-    _write_idx(directory / "t10k-labels-idx1-ubyte.gz", test_y)
+    write_idx(directory / "train-images-idx3-ubyte", train_x)
+    write_idx(directory / "train-labels-idx1-ubyte", train_y)
+    write_idx(directory / "t10k-images-idx3-ubyte.gz", test_x)
+    write_idx(directory / "t10k-labels-idx1-ubyte.gz", test_y)
     return train_x, train_y, test_x, test_y
 
 
@@ -142,7 +134,7 @@ def test_load_idx_empty_dir_names_expected_files(tmp_path: Path) -> None:
 
 def test_load_idx_images_without_labels(tmp_path: Path) -> None:
     # Prepare
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 4, 4), np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 4, 4), np.uint8))
 
     # Execute / Assert
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
@@ -151,8 +143,8 @@ def test_load_idx_images_without_labels(tmp_path: Path) -> None:
 
 def test_load_idx_rejects_count_mismatch(tmp_path: Path) -> None:
     # Prepare
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 4, 4), np.uint8))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2, np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 4, 4), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2, np.uint8))
 
     # Execute / Assert
     with pytest.raises(ValueError, match=r"3 images.*2 labels"):
@@ -162,7 +154,7 @@ def test_load_idx_rejects_count_mismatch(tmp_path: Path) -> None:
 def test_load_idx_rejects_bad_magic(tmp_path: Path) -> None:
     # Prepare
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04" + bytes(8))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2, np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2, np.uint8))
 
     # Execute / Assert
     with pytest.raises(ValueError, match=r"not an IDX file.*2051"):
@@ -172,9 +164,9 @@ def test_load_idx_rejects_bad_magic(tmp_path: Path) -> None:
 def test_load_idx_rejects_truncated_payload(tmp_path: Path) -> None:
     # Prepare
     path = tmp_path / "t10k-images-idx3-ubyte"
-    _write_idx(path, np.zeros((3, 4, 4), np.uint8))
+    write_idx(path, np.zeros((3, 4, 4), np.uint8))
     path.write_bytes(path.read_bytes()[:-1])
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
 
     # Execute / Assert
     with pytest.raises(ValueError, match=r"47 data bytes.*\(3, 4, 4\)"):
@@ -242,11 +234,11 @@ def test_offline_relative_and_absolute_dirs_share_results(
     idx_dir = tmp_path / "idx"
     idx_dir.mkdir()
     rng = np.random.default_rng(1)
-    _write_idx(
+    write_idx(
         idx_dir / "t10k-images-idx3-ubyte",
         rng.integers(0, 256, size=(60, 28, 28), dtype=np.uint8),
     )
-    _write_idx(idx_dir / "t10k-labels-idx1-ubyte", np.arange(60) % 10)
+    write_idx(idx_dir / "t10k-labels-idx1-ubyte", np.arange(60) % 10)
     monkeypatch.chdir(tmp_path)
 
     # Execute
@@ -496,7 +488,7 @@ def test_failed_download_names_cause_and_data_dir(
         def load_split(self, split: str) -> datasets.Dataset:
             raise ConnectionError(f"cannot reach huggingface.co for {split}")
 
-    monkeypatch.setattr(data, "FederatedDataset", OfflineFederatedDataset)
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", OfflineFederatedDataset)
 
     # Execute / Assert
     with pytest.raises(

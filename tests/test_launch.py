@@ -5,7 +5,11 @@ config and the federation (SuperNodes, CPU and GPU share per client) handed to
 Flower's simulation, with CUDA mocked available or not.
 """
 
+import os
+import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -140,3 +144,82 @@ def test_read_run_config_names_an_unreadable_file(tmp_path, content):
 
     with pytest.raises(ConfigError, match=r"preset\.toml"):
         launch.read_run_config([str(path)])
+
+
+RUNBOOK = REPO / "docker" / "run-local-deployment.sh"
+
+
+def readme_deployment_command() -> list[str]:
+    """The runbook's arguments exactly as README.md's "Deployment" prints them."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Deployment", 1)[1]
+    match = re.search(r"docker/run-local-deployment\.sh (.*?)\n```", section, re.S)
+    assert match, "no runbook command in the README's Deployment section"
+    return shlex.split(match.group(1).replace("\\\n", " "))
+
+
+def run_runbook(args: list[str], work: Path) -> "subprocess.CompletedProcess[str]":
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        ["bash", str(RUNBOOK), "--work-dir", str(work), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_readme_deployment_command_passes_the_check(tmp_path):
+    # Prepare
+    args = readme_deployment_command()
+
+    # Execute
+    proc = run_runbook([*args, "--check-only"], tmp_path / "work")
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    assert "Run config OK for 3 SuperNodes" in proc.stdout
+    assert "clients-per-round=3" in proc.stdout
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ("clients-per-round=5", r"clients-per-round=5 exceeds num-clients=3"),
+        ("num-clients=2 clients-per-round=2", r"num-clients=2 is below the 3"),
+        ("data-dir='/no/such/dir'", r"data-dir='/no/such/dir' holds no mnist"),
+        ("local-epoch=1", r"Unknown run-config key.*local-epoch"),
+    ],
+)
+def test_runbook_refuses_a_bad_config_before_starting_anything(
+    tmp_path, overrides, message
+):
+    # Prepare
+    work = tmp_path / "work"
+    args = ["--insecure", "--data-dir", str(REPO.parent / "shared" / "data" / "mnist")]
+
+    # Execute
+    proc = run_runbook([*args, "--run-config", overrides], work)
+
+    # Assert: refused with the reason, and no work dir, log or process created.
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.search(message, proc.stderr)
+    assert "nothing was started" in proc.stderr
+    assert "flower-superlink" not in proc.stdout
+    assert not work.exists()
+
+
+def test_check_deployment_merges_the_app_defaults_and_overrides():
+    cfg = launch.check_deployment(
+        REPO, ["num-clients=4 clients-per-round=4", "clients-per-round=2"], 4
+    )
+
+    assert (cfg.num_clients, cfg.clients_per_round) == (4, 2)
+    assert cfg.model == "small-cnn"  # the app's pyproject value
