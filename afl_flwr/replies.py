@@ -52,9 +52,15 @@ def array_view(array: Array) -> np.ndarray:
     Anything unusual (other serialisation, Fortran order, object dtype, a
     header that disagrees with the metadata) falls back to ``Array.numpy()``.
     """
+    view = _npy_view(array)
+    return array.numpy() if view is None else view
+
+
+def _npy_view(array: Array) -> np.ndarray | None:
+    """:func:`array_view` of a plain C-order payload, else ``None``."""
     data = array.data
     if array.stype != "numpy.ndarray" or data[:6] != b"\x93NUMPY":
-        return array.numpy()
+        return None
     if data[6] == 1:
         offset = 10 + int.from_bytes(data[8:10], "little")
     else:
@@ -68,8 +74,44 @@ def array_view(array: Array) -> np.ndarray:
         or b"'fortran_order': False" not in header
         or len(data) - offset != count * dtype.itemsize
     ):
-        return array.numpy()
+        return None
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+class ViewedArray(Array):
+    """An ``Array`` whose :meth:`numpy` decodes with :func:`array_view`.
+
+    Flower's ``Array.numpy()`` parses the ``.npy`` header with
+    ``ast.literal_eval``, and CPython 3.11's AST constructor keeps its recursion
+    depth per interpreter, not per thread: two threads parsing at once can fail
+    with ``SystemError: AST constructor recursion depth mismatch``
+    (python/cpython#106905). The background evaluation thread hands user code
+    these arrays, so it never parses while the loop (or an in-process client)
+    does.
+    """
+
+    def numpy(self) -> np.ndarray:
+        """A writable copy of the array, decoded without parsing the header."""
+        view = _npy_view(self)
+        return Array.numpy(self) if view is None else np.array(view)
+
+    @classmethod
+    def of(cls, array: Array) -> "ViewedArray":
+        """The same bytes and metadata (no copy)."""
+        return cls(
+            dtype=array.dtype,
+            shape=tuple(array.shape),
+            stype=array.stype,
+            data=array.data,
+        )
+
+
+def without_header_parsing(record: ArrayRecord) -> ArrayRecord:
+    """``record`` with every array a :class:`ViewedArray` (same bytes, no copy)."""
+    viewed = ArrayRecord()  # its dict constructor would rebuild plain Arrays
+    for name, array in record.items():
+        viewed[name] = ViewedArray.of(array)
+    return viewed
 
 
 def arrayrecord_to_params(record: ArrayRecord, *, writable: bool = False) -> Params:

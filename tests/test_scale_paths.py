@@ -375,3 +375,37 @@ def test_one_partitions_speed_factor_equals_its_entry_of_the_full_draw():
 
     # Assert
     assert one == full.tolist()
+
+
+def test_the_evaluation_thread_never_parses_array_headers(monkeypatch):
+    # Prepare: record which threads call ast.literal_eval (np.load's header
+    # parser, unsafe in two threads at once on CPython 3.11), and what the
+    # evaluation sees
+    import ast
+
+    callers: list[str] = []
+    original = ast.literal_eval
+
+    def spy(node_or_string):
+        callers.append(threading.current_thread().name)
+        return original(node_or_string)
+
+    monkeypatch.setattr(ast, "literal_eval", spy)
+    seen: dict[int, dict] = {}
+
+    def evaluate(version, arrays):
+        seen[version] = {k: v for k, v in arrays.to_torch_state_dict().items()}
+        return MetricRecord({"v": float(version)})
+
+    strategy = StalenessAwareAsyncStrategy(concurrency=2, poll_interval=0.0)
+
+    # Execute
+    result = _start(strategy, _grid(3), num_rounds=3, evaluate_fn=evaluate)
+
+    # Assert: no parsing in the evaluation thread; the final model arrived intact
+    assert not [name for name in callers if name.startswith("central-eval")]
+    final = {k: v.numpy() for k, v in result.arrays.items()}
+    assert set(seen[3]) == set(final)
+    for key, value in final.items():
+        np.testing.assert_array_equal(seen[3][key].numpy(), value)
+        assert seen[3][key].numpy().flags.writeable

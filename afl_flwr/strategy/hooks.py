@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Result
 
 from afl_flwr.constants import SERVER_ROUND
 from afl_flwr.history import EvalPoint, RunHistory, UpdateEvent
+from afl_flwr.replies import without_header_parsing
 from afl_flwr.strategy.model_store import ModelStore
 from afl_flwr.strategy.scheduler import Scheduler
 
@@ -164,7 +165,10 @@ class CentralEvaluation(Hook):
         self._last_version = version
         future: Future[tuple[MetricRecord | None, float]]
         if self._executor is not None:
-            future = self._executor.submit(self._evaluate, version, run.store.record())
+            # Arrays decoded without ast (thread-safe on CPython 3.11), see
+            # afl_flwr.replies.ViewedArray.
+            arrays = without_header_parsing(run.store.record())
+            future = self._executor.submit(self._evaluate, version, arrays)
         else:
             future = Future()
             future.set_result(self._evaluate(version, run.store.record()))
