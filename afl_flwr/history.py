@@ -65,6 +65,8 @@ class RunHistory:
     federated: list[EvalPoint] = field(default_factory=list)  # on the clients
     abandoned: int = 0  # tasks still in flight when the run stopped
     stop_reason: str = ""  # why the run ended early ("" when it completed)
+    # Wall seconds from the start to the first task (node profiles included).
+    first_dispatch_wall: float = 0.0
 
     def merged(self) -> list[UpdateEvent]:
         """Events whose update entered the global model."""
@@ -105,6 +107,7 @@ class RunHistory:
             federated=[EvalPoint(**p) for p in data.get("federated", [])],
             abandoned=int(data.get("abandoned", 0)),
             stop_reason=str(data.get("stop_reason", "")),
+            first_dispatch_wall=float(data.get("first_dispatch_wall", 0.0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,4 +119,5 @@ class RunHistory:
             "client_counts": {str(k): v for k, v in self.client_counts().items()},
             "abandoned": self.abandoned,
             "stop_reason": self.stop_reason,
+            "first_dispatch_wall": self.first_dispatch_wall,
         }

@@ -82,6 +82,7 @@ def summarize(history: RunHistory, concurrency: int | None = None) -> dict[str, 
         "wall_time": last.wall_time if last else 0.0,
         "eval_seconds": sum(p.eval_seconds for p in history.evals),
         "abandoned_tasks": history.abandoned,
+        "first_dispatch_wall": history.first_dispatch_wall,
         "utilisation": _utilisation(history, concurrency),
     }
 

@@ -101,10 +101,13 @@ def simulation_row(run: RunRecord) -> dict[str, float]:
     evals = run.evals
     # The loop ends once the final evaluation is recorded: it is waited for.
     loop = float(evals[-1]["wall_time"]) + float(evals[-1]["eval_seconds"])
+    first = float(run.summary["first_dispatch_wall"])
     return {
         "total": run.wall_seconds,
         "outside": run.wall_seconds - loop,
         "loop": loop,
+        "first_dispatch": first,
+        "after_first_dispatch": loop - first,
         "eval": float(run.summary["eval_seconds"]),
         "final_eval": float(evals[-1]["eval_seconds"]),
     }
@@ -192,6 +195,17 @@ def main() -> None:
             "",
         ],
         ["  the asynchronous loop", mean(ray_rows, "loop"), ratio(ray_rows, "loop")],
+        [
+            "    up to the first task (profile query: actors import the ClientApp, "
+            "load data)",
+            mean(ray_rows, "first_dispatch"),
+            "",
+        ],
+        [
+            "    from the first task to the end",
+            mean(ray_rows, "after_first_dispatch"),
+            ratio(ray_rows, "after_first_dispatch"),
+        ],
         [
             "    central evaluation (background thread, overlaps training)",
             mean(ray_rows, "eval"),

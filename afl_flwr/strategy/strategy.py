@@ -528,12 +528,14 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
                 return
             scheduler.refresh(run.grid)
             avoid = self._waiting_nodes() if self.distinct_buffer else set()
-            scheduler.dispatch(
+            started = scheduler.dispatch(
                 run.grid,
                 lambda node, seq: self._train_message(node, seq, train_config, timeout),
                 self.store.version,
                 avoid,
             )
+            if started and not self.history.first_dispatch_wall:
+                self.history.first_dispatch_wall = scheduler.wall()
             if not scheduler.in_flight:
                 log(INFO, "Waiting for nodes to connect...")
                 self._sleep(max(self.poll_interval, 1.0))
