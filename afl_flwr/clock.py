@@ -245,10 +245,11 @@ class VirtualClock:
         joins, in one batched query, before it can be selected; node order then
         follows partition ids, so a seeded run in Flower's simulation (which
         draws node ids at random) is reproducible. ``"first-dispatch"``: a node
-        is asked just before its first task, batched with the other nodes of
-        the same dispatch; no start-up barrier and no query for a node never
-        selected, but nodes are ordered by node id, so the selection depends on
-        the ids Flower drew (reproducible only where they are fixed).
+        is asked at the latest just before its first task, in batches (the
+        dispatch's nodes and the next nodes without a profile, 256 in all); no
+        start-up barrier, but nodes are ordered by node id, so the selection
+        depends on the ids Flower drew (reproducible only where they are
+        fixed).
     """
 
     def __init__(

@@ -4,6 +4,7 @@ dispatch whose cost does not grow with the number of nodes.
 Driven by the scripted fake Grid (no Ray); nothing here asserts on time.
 """
 
+import itertools
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from afl_flwr import StalenessAwareAsyncStrategy, VirtualClock
 from afl_flwr.clock import NodeProfile, speed_factor, speed_factors
 from afl_flwr.history import MERGED
 from afl_flwr.selection import WithoutReplacement, WithReplacement
+from afl_flwr.strategy import scheduler as scheduler_module
 
 
 @dataclass
@@ -66,8 +68,9 @@ def _start(strategy, grid, num_rounds, **kwargs):
 
 
 # ------------------------------------------------------------- lazy profiles
-def test_first_dispatch_profiles_are_asked_once_just_before_the_first_task():
-    # Prepare: 40 nodes, 4 slots, a run too short to reach every node
+def test_first_dispatch_profiles_are_asked_once_before_the_first_task(monkeypatch):
+    # Prepare: 40 nodes, 4 slots, batches of 6, a run too short to reach every node
+    monkeypatch.setattr(scheduler_module, "PROFILE_BATCH", 6)
     grid = _grid(40)
     strategy = StalenessAwareAsyncStrategy(
         concurrency=4, clock=_clock("first-dispatch"), poll_interval=0.0
@@ -76,20 +79,21 @@ def test_first_dispatch_profiles_are_asked_once_just_before_the_first_task():
     # Execute
     _start(strategy, grid, num_rounds=3)
 
-    # Assert: no query before training started, each node asked at most once,
-    # always before (never after) its first task, and never-selected nodes not
-    # asked at all
+    # Assert: each node asked at most once, always before its first task; the
+    # first batch is the first dispatch's 4 nodes and 2 more, not all 40
     assert grid.log[0][0] == "query"
     queried = [n for kind, n in grid.log if kind == "query"]
     trained = [n for kind, n in grid.log if kind == "train"]
     assert len(queried) == len(set(queried))
-    assert set(queried) == set(trained)
-    assert len(set(trained)) < 40
+    assert set(trained) <= set(queried)
+    assert len(queried) < 40
     for node in set(trained):
         assert grid.log.index(("query", node)) < grid.log.index(("train", node))
-    # the first batch asks only the first dispatch's nodes, not all 40
     first_train = next(i for i, (kind, _) in enumerate(grid.log) if kind == "train")
-    assert first_train == 4
+    assert first_train == 6
+    # queries come in batches of 6 (the last possibly shorter)
+    runs = [len(list(g)) for k, g in itertools.groupby(grid.log, key=lambda e: e[0])]
+    assert all(r <= 6 for r in runs[::2])
 
 
 def test_on_join_profiles_ask_every_node_before_the_first_task():
@@ -361,8 +365,16 @@ def test_large_federation_run_merges_and_dispatches_through_the_strategy():
     merged = [e.node_id for e in strategy.history.events if e.status == MERGED]
     assert len(merged) == 80
     assert len(set(merged)) == 80
+    # ... and profiles came in batches of at most PROFILE_BATCH nodes, each node
+    # once: at most ceil(2000 / 256) = 8 round trips, none of 2,000 messages
+    batch = scheduler_module.PROFILE_BATCH
     queried = [n for kind, n in grid.log if kind == "query"]
-    assert len(queried) < 200  # only the nodes that got work were asked
+    sizes = [
+        len(list(g)) for kind, g in itertools.groupby(grid.log, key=lambda e: e[0])
+    ][::2]
+    assert len(queried) == len(set(queried))
+    assert max(sizes) <= batch
+    assert len(sizes) <= -(-2000 // batch)
 
 
 def test_one_partitions_speed_factor_equals_its_entry_of_the_full_draw():
