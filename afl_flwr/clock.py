@@ -246,10 +246,11 @@ class VirtualClock:
         follows partition ids, so a seeded run in Flower's simulation (which
         draws node ids at random) is reproducible. ``"first-dispatch"``: a node
         is asked at the latest just before its first task, in batches (the
-        dispatch's nodes and the next nodes without a profile, 256 in all); no
-        start-up barrier, but nodes are ordered by node id, so the selection
-        depends on the ids Flower drew (reproducible only where they are
-        fixed).
+        dispatch's nodes and those the selector offers next, 256 in all: one
+        round trip per 256 nodes of a without-replacement pass, one per new
+        node with replacement); no start-up barrier, but nodes are ordered by
+        node id, so the selection depends on the ids Flower drew (reproducible
+        only where they are fixed).
     """
 
     def __init__(

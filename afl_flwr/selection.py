@@ -51,6 +51,15 @@ class NodeSelector(ABC):
         sorts them) so that a seed reproduces the same choices.
         """
 
+    def upcoming(self, limit: int) -> list[int]:
+        """Up to ``limit`` nodes this selector will offer next, if it knows.
+
+        Lets a caller prepare them (e.g. ask their profiles in one batch). The
+        default knows nothing in advance.
+        """
+        del limit
+        return []
+
     @abstractmethod
     def pick(
         self,
@@ -176,6 +185,15 @@ class WithoutReplacement(NodeSelector):
                 self._pass = [int(all_nodes[i]) for i in order]
                 self._skip = {}
         return None  # pragma: no cover - a fresh pass always holds the idle nodes
+
+    def upcoming(self, limit: int) -> list[int]:
+        """The next ``limit`` untaken nodes of the current pass, in pass order."""
+        out: list[int] = []
+        pos = self._untaken(0)
+        while pos < len(self._pass) and len(out) < limit:
+            out.append(self._pass[pos])
+            pos = self._untaken(pos + 1)
+        return out
 
     def _untaken(self, pos: int) -> int:
         """First position at or after ``pos`` not taken in this pass."""

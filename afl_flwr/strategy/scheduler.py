@@ -39,8 +39,9 @@ NODE_REFRESH_S = 1.0
 # most this many.
 MAX_BACKOFF = 64
 # Lazy profiles (``profile_query="first-dispatch"``): a dispatch that meets a node
-# without a profile also asks the next nodes without one, this many in all, so
-# N nodes cost about N / PROFILE_BATCH round trips instead of one per task.
+# without a profile also asks the nodes the selector will offer next (the rest
+# of a without-replacement pass), this many in all, so a pass over N nodes costs
+# about N / PROFILE_BATCH round trips instead of one per task.
 PROFILE_BATCH = 256
 
 
@@ -115,7 +116,6 @@ class Scheduler:
         self._node_set: set[int] = set()
         self._by_label: dict[int, int] = {}
         self._busy: set[int] = set()
-        self._unprofiled_from = 0  # self.nodes before it all have a profile
         self.in_flight: dict[str, Task] = {}
         self._arrived: dict[str, Message] = {}
         self._expired: set[str] = set()
@@ -183,7 +183,6 @@ class Scheduler:
         self.nodes = sorted(current, key=key)
         self._node_set = current
         self._by_label = {self.label(n): n for n in self.nodes}
-        self._unprofiled_from = 0
 
     def nodes_of(self, labels: Collection[int]) -> set[int]:
         """Connected nodes whose :meth:`label` is in ``labels``."""
@@ -375,22 +374,25 @@ class Scheduler:
         return Outcome(task, reply, self.now(), duration)
 
     def _learn_profiles(self, grid: Grid, chosen: list[int]) -> None:
-        """Ask ``chosen`` nodes without a profile for it, with the next such nodes.
+        """Ask ``chosen`` nodes without a profile for it, with those due next.
 
-        A batch of up to :data:`PROFILE_BATCH` nodes goes in one round trip: the
-        chosen ones, then unprofiled nodes in node order (lazy profiles order
-        nodes by id, so which profiles are known never changes a selection).
+        One round trip asks up to :data:`PROFILE_BATCH` nodes: the chosen ones,
+        then the selector's :meth:`~afl_flwr.selection.NodeSelector.upcoming`
+        nodes without a profile (which profiles are known never changes a
+        selection: lazy profiles leave nodes in node-id order).
         """
         assert self.clock is not None
         known = self.clock.profiles
         nodes = [n for n in chosen if n not in known]
         if not nodes:
             return
-        while self._unprofiled_from < len(self.nodes) and len(nodes) < PROFILE_BATCH:
-            node = self.nodes[self._unprofiled_from]
-            self._unprofiled_from += 1
-            if node not in known and node not in nodes:
+        asked = set(nodes)
+        for node in self.selector.upcoming(PROFILE_BATCH):
+            if len(nodes) >= PROFILE_BATCH:
+                break
+            if node not in known and node not in asked and node in self._node_set:
                 nodes.append(node)
+                asked.add(node)
         before = {n: self.label(n) for n in nodes}
         if not self.clock.register(grid, nodes):
             return
