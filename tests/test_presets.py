@@ -58,6 +58,7 @@ def test_the_documented_presets_exist():
         "quick-cpu",
         "stragglers",
         "heterogeneous",
+        "cross-device",
     }
 
 
