@@ -60,7 +60,6 @@ class NodeSelector(ABC):
         del limit
         return []
 
-    @abstractmethod
     def pick(
         self,
         all_nodes: Sequence[int],
@@ -81,6 +80,21 @@ class NodeSelector(ABC):
         alive : Collection[int], optional (default: None)
             ``set(all_nodes)`` if the caller keeps one (saves building it).
         """
+        alive = set(all_nodes) if alive is None else alive
+        eligible = len(all_nodes) - sum(1 for n in excluded if n in alive)
+        if eligible <= 0:
+            return None
+        return self._pick(all_nodes, excluded, alive, eligible)
+
+    @abstractmethod
+    def _pick(
+        self,
+        all_nodes: Sequence[int],
+        excluded: Collection[int],
+        alive: Collection[int],
+        eligible: int,
+    ) -> int:
+        """:meth:`pick` once ``eligible`` (> 0) nodes are known to qualify."""
 
 
 class WithReplacement(NodeSelector):
@@ -92,23 +106,22 @@ class WithReplacement(NodeSelector):
             return None
         return int(idle[int(self.rng.integers(len(idle)))])
 
-    def pick(
+    def _pick(
         self,
         all_nodes: Sequence[int],
         excluded: Collection[int],
-        alive: Collection[int] | None = None,
-    ) -> int | None:
+        alive: Collection[int],
+        eligible: int,
+    ) -> int:
         """Uniform over the eligible nodes, by rejection while they are many."""
-        alive = set(all_nodes) if alive is None else alive
-        eligible = len(all_nodes) - sum(1 for n in excluded if n in alive)
-        if eligible <= 0:
-            return None
         if eligible >= REJECTION_MIN_ELIGIBLE * len(all_nodes):
             while True:  # uniform over all, conditioned on eligible: uniform
                 node = all_nodes[int(self.rng.integers(len(all_nodes)))]
                 if node not in excluded:
                     return int(node)
-        return self.select(all_nodes, [n for n in all_nodes if n not in excluded])
+        chosen = self.select(all_nodes, [n for n in all_nodes if n not in excluded])
+        assert chosen is not None  # eligible > 0
+        return chosen
 
 
 class WithoutReplacement(NodeSelector):
@@ -152,17 +165,17 @@ class WithoutReplacement(NodeSelector):
         idle_set = set(idle)
         return self._next(all_nodes, idle_set.__contains__, set(all_nodes))
 
-    def pick(
+    def _pick(
         self,
         all_nodes: Sequence[int],
         excluded: Collection[int],
-        alive: Collection[int] | None = None,
-    ) -> int | None:
-        """Return the next node of the current pass that is not excluded."""
-        alive = set(all_nodes) if alive is None else alive
-        if len(all_nodes) - sum(1 for n in excluded if n in alive) <= 0:
-            return None
-        return self._next(all_nodes, lambda n: n not in excluded, alive)
+        alive: Collection[int],
+        eligible: int,
+    ) -> int:
+        """The next node of the current pass that is not excluded."""
+        node = self._next(all_nodes, lambda n: n not in excluded, alive)
+        assert node is not None  # eligible > 0: a fresh pass holds one
+        return node
 
     def _next(
         self,

@@ -421,6 +421,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    for name in ("nodes", "versions", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
     if args.versions < 2:
         parser.error("--versions must be >= 2 (a node cycle needs two replies)")
     data_dir = str(Path(args.data_dir).resolve())

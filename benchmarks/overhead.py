@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run-config", action="append", default=None)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} must be >= 1")
     overrides = {**BASE, **parse_config_args(args.run_config)}
     if args.data_dir:
         overrides["data-dir"] = str(Path(args.data_dir).resolve())

@@ -800,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    for name in ("updates", "repeats", "sim_updates", "sim_repeats", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     raw_path = args.out / "scale.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
