@@ -25,35 +25,73 @@ def staleness(current_version: int, base_version: int) -> int:
 
 
 def mix_immediate(
-    current: Params, update: Mapping[str, np.ndarray], rate: float
-) -> None:
-    """FedAsync merge, in place: ``x <- (1 - c) x + c x_i`` with ``c = a s(tau)``.
+    current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], rate: float
+) -> Params:
+    """FedAsync merge: ``(1 - c) x + c x_i`` with ``c = a s(tau)``, as fresh arrays.
 
-    Floating-point arrays are updated with one fused pass (``torch.lerp_``) on
-    zero-copy views; ``current`` must own writable arrays.
+    Neither input is written (``current`` may be a read-only view of a Flower
+    record). Floating-point arrays take one fused pass (``torch.lerp``);
+    integer arrays are mixed in float64 and rounded back to their dtype.
 
     Parameters
     ----------
-    current : Params
-        Global model, modified in place.
+    current : Mapping[str, np.ndarray]
+        Global model ``x``.
     update : Mapping[str, np.ndarray]
         The client's model ``x_i`` (same names, shapes and dtypes).
     rate : float
         Mixing weight ``c`` in ``[0, 1]``.
+
+    Returns
+    -------
+    Params
+        The mixed model, in ``current``'s order and dtypes.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"mixing rate must be in [0, 1], got {rate}")
+    new: Params = {}
     with warnings.catch_warnings():
-        # Reply arrays are read-only views of the message bytes; lerp_ only
+        # Reply arrays are read-only views of the message bytes; lerp only
         # reads them, so torch's "not writable" warning does not apply.
         warnings.simplefilter("ignore", UserWarning)
         for name, x in current.items():
             x_i = np.asarray(update[name])
             if x.dtype.kind == "f":
-                torch.from_numpy(x).lerp_(torch.from_numpy(x_i), rate)
+                out = np.empty_like(x)
+                torch.lerp(
+                    torch.from_numpy(np.asarray(x)),
+                    torch.from_numpy(x_i),
+                    rate,
+                    out=torch.from_numpy(out),
+                )
+                new[name] = out
             else:
                 mixed = (1.0 - rate) * x.astype(np.float64) + rate * x_i
-                x[...] = np.rint(mixed).astype(x.dtype)
+                new[name] = np.asarray(np.rint(mixed)).astype(x.dtype)
+    return new
+
+
+def weighted_average(
+    arrays: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    like: Mapping[str, np.ndarray],
+) -> Params:
+    """``sum_i w_i a_i / sum_i w_i`` per name of ``like``, in ``like``'s dtypes.
+
+    The operations of Flower's ``aggregate_arrayrecords`` (factors ``w_i / sum
+    w``, accumulated in order), so results are bit-identical to FedAvg's for
+    floating arrays; integer arrays are rounded back to their dtype.
+    """
+    if not len(arrays) == len(weights) > 0:
+        raise ValueError(
+            f"need as many arrays ({len(arrays)}) as weights ({len(weights)}), "
+            "at least one"
+        )
+    total = float(sum(weights))
+    if not total > 0 or min(weights) <= 0:
+        raise ValueError(f"weights must be > 0, got {list(weights)}")
+    subset = [{name: a[name] for name in like} for a in arrays]
+    return _cast_like(_weighted_sum(subset, [w / total for w in weights]), like)
 
 
 def fedbuff_update(
@@ -74,14 +112,16 @@ def fedbuff_update(
     buffer whose updates are all stale moves the model less than a fresh one, and
     with ``K = 1`` an update moves it by exactly ``eta_g s(tau)`` times its delta.
 
-    With every ``s_i = 1``, every ``b_i`` *being* ``current`` (zero staleness) and
-    ``eta_g = 1`` the result is bit-identical to Flower's FedAvg
+    With every ``s_i = 1``, every ``b_i`` holding ``current``'s very arrays (zero
+    staleness) and ``eta_g = 1`` the result is bit-identical to Flower's FedAvg
     (``aggregate_arrayrecords``): the same factors, summed in the same order.
 
     Parameters
     ----------
     current : Mapping[str, np.ndarray]
-        Global model ``x`` now (not modified).
+        Global model ``x`` now (not modified); only its names are merged, so
+        ``updates`` and ``bases`` may hold more arrays (e.g. state arrays,
+        merged by :func:`~afl_flwr.model_state.average_state`).
     updates : Sequence[Mapping[str, np.ndarray]]
         Client models ``x_i``.
     bases : Sequence[Mapping[str, np.ndarray]]
@@ -113,9 +153,9 @@ def fedbuff_update(
     if (
         server_lr == 1.0
         and all(s == 1.0 for s in scales)
-        and all(base is current for base in bases)
+        and all(base[k] is x for base in bases for k, x in current.items())
     ):
-        return _cast_like(_weighted_sum(updates, fedavg), current)
+        return weighted_average(updates, num_examples, current)
     factors = [f * s for f, s in zip(fedavg, scales, strict=True)]
     return apply_deltas(current, updates, bases, factors, server_lr)
 
@@ -169,11 +209,13 @@ def weighted_delta(
     updates: Sequence[Mapping[str, np.ndarray]],
     bases: Sequence[Mapping[str, np.ndarray]],
     factors: Sequence[float],
+    names: Sequence[str] | None = None,
 ) -> Params:
     """Pseudo-gradient ``sum_i f_i (x_i - b_i)`` per array (a fresh ``Params``).
 
-    Floating-point arrays keep their dtype; integer arrays (counters such as
-    batch norm's ``num_batches_tracked``) come back as float64 deltas.
+    ``names`` (default: every array of the first update) selects the arrays.
+    Floating-point arrays are accumulated in at least float32; integer arrays
+    come back as float64 deltas.
     """
     if not len(updates) == len(bases) == len(factors) > 0:
         raise ValueError(
@@ -181,31 +223,20 @@ def weighted_delta(
             f"factors ({len(factors)}), at least one"
         )
     out: Params = {}
-    for name in updates[0]:
+    for name in updates[0] if names is None else names:
         first = np.asarray(updates[0][name])
-        dtype = first.dtype if first.dtype.kind == "f" else np.dtype(np.float64)
+        dtype = (
+            np.promote_types(first.dtype, np.float32)
+            if first.dtype.kind == "f"
+            else np.dtype(np.float64)
+        )
         acc = np.zeros(first.shape, dtype=dtype)
         for update, base, factor in zip(updates, bases, factors, strict=True):
-            acc += factor * (
+            acc += dtype.type(factor) * (
                 np.asarray(update[name], dtype) - np.asarray(base[name], dtype)
             )
         out[name] = acc
     return out
-
-
-def add_scaled(
-    current: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], scale: float
-) -> Params:
-    """``x + scale * step`` per array, each array keeping ``x``'s dtype (rounded)."""
-    new: Params = {}
-    for name, x in current.items():
-        value = x + scale * np.asarray(step[name])
-        new[name] = (
-            value.astype(x.dtype)
-            if x.dtype.kind == "f"
-            else np.asarray(np.rint(value)).astype(x.dtype)
-        )
-    return new
 
 
 def _weighted_sum(

@@ -3,17 +3,31 @@
 The run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, overridden with
 ``flwr run . --run-config "key=value ..."``) is parsed once, at the edge, into the
 frozen :class:`AppConfig`; everything downstream receives that object.
+
+Every field is documented where it is declared (:func:`~afl_flwr.settings.setting`)
+and the reference table in ``docs/configuration.md`` is generated from them and
+from the aggregation rules' own settings (:mod:`afl_flwr.reference`). A rule's
+own settings (``fadas-tau-c``, ``ca2fl-cache-dtype``, ...) are declared once, in
+the rule's module; the run config accepts them under their kebab-case keys.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from afl_flwr.aggregators import aggregation_names
+from afl_flwr.aggregators import (
+    AGGREGATORS,
+    SHARED_SETTINGS,
+    aggregation_names,
+    rule_class,
+    rule_keywords,
+    setting_keyword,
+)
 from afl_flwr.clock import PROFILE_QUERIES
 from afl_flwr.data import DATASETS
 from afl_flwr.models import MODELS
 from afl_flwr.selection import SELECTIONS
+from afl_flwr.settings import ConfigError, SettingError, coerce, kebab, setting
 from afl_flwr.staleness import STALENESS_FUNCTIONS
 
 MODES = ("async", "sync")
@@ -21,10 +35,35 @@ MODES = ("async", "sync")
 # policy (as the async strategy), or Flower's own sampler.
 SYNC_SELECTIONS = ("selector", "flower")
 CLOCKS = ("virtual", "real", "none")
+# Run-config values that mean "the component's own default" (TOML has no null).
+RULE_DEFAULT_LR = 0.0
+FUNCTION_DEFAULT = -1.0
+
+__all__ = ["AppConfig", "ConfigError", "rule_setting_keys"]
 
 
-class ConfigError(ValueError):
-    """A run-config value is missing, of the wrong type or out of range."""
+def rule_setting_keys() -> dict[str, tuple[str, str]]:
+    """Run-config key -> (rule, settings field) of every rule's own settings.
+
+    Shared settings (``buffer-size``, ``server-lr``, ...) are :class:`AppConfig`
+    fields; these are the rest (``fadas-tau-c`` -> ``("fadas", "tau_c")``).
+    """
+    keys: dict[str, tuple[str, str]] = {}
+    for rule in AGGREGATORS:
+        for keyword, name in rule_keywords(rule).items():
+            if keyword not in SHARED_SETTINGS:
+                keys[kebab(keyword)] = (rule, name)
+    return keys
+
+
+def _rule_defaults() -> tuple[tuple[str, Any], ...]:
+    defaults = []
+    for key, (rule, name) in rule_setting_keys().items():
+        default = next(
+            f.default for f in rule_class(rule).setting_fields() if f.name == name
+        )
+        defaults.append((key, default))
+    return tuple(sorted(defaults))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,62 +76,168 @@ class AppConfig:
     CNN, 3 local epochs and early stopping that can act (patience 1, an epoch
     must cut the train loss by 20%). The paper's exact settings (paper CNN, 10
     local epochs, patience 10, 40 versions) ship as ``presets/paper-mnist.toml``.
-    The README's configuration table documents each key.
+    ``rule_settings`` holds every aggregation rule's own settings by run-config
+    key (``fadas-tau-c``); read them with :meth:`strategy_keywords`.
     """
 
     # What to train.
-    mode: str = "async"
-    dataset: str = "mnist"
-    model: str = "small-cnn"
-    data_dir: str = ""
-    num_test: int = 2000
+    mode: str = setting(
+        "async", "`async` (this project's strategy) or `sync` (Flower's FedAvg)"
+    )
+    dataset: str = setting("mnist", "`mnist` or `cifar10`")
+    model: str = setting(
+        "small-cnn",
+        "`small-cnn` (quickstart-style 2-conv CNN), `paper-cnn` (the paper's 3-conv "
+        "CNN, learns slowly), `resnet20` (the paper's CIFAR-10 model, BatchNorm), "
+        "`mlp` (2 hidden layers)",
+    )
+    data_dir: str = setting(
+        "", 'MNIST IDX folder for offline runs; `""` downloads (Hugging Face)'
+    )
+    num_test: int = setting(2000, "offline: size of the held-out central test set")
     # Federation and schedule.
-    num_clients: int = 10
-    clients_per_round: int = 5
-    num_server_rounds: int = 30
-    eval_every: int = 2
-    server_eval: bool = True
-    fraction_evaluate: float = 0.0
-    seed: int = 42
+    num_clients: int = setting(
+        10, "data partitions = SuperNodes (a node's `partition-id` must be below it)"
+    )
+    clients_per_round: int = setting(
+        5, "async: nodes kept busy (concurrency); sync: clients per round"
+    )
+    num_server_rounds: int = setting(
+        30, "global model updates (versions); sync: rounds"
+    )
+    eval_every: int = setting(
+        2,
+        "evaluation (central and/or federated) every this many versions, and at "
+        "the end",
+    )
+    server_eval: bool = setting(
+        True,
+        "evaluate centrally on the held-out test set; `false` for a deployment "
+        "without central data (async only)",
+    )
+    fraction_evaluate: float = setting(
+        0.0,
+        "async: fraction of nodes asked to evaluate the global model on their data "
+        "at each evaluation",
+    )
+    seed: int = setting(
+        42, "seeds partitioning, selection, delays, task seeds, initial model"
+    )
     # Local training (the paper's client rule).
-    local_epochs: int = 3
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    lr_delay_alpha: float = 0.01
-    patience: int = 1
-    early_stop_delta: float = 0.2
-    dirichlet_alpha: float = 0.5
+    local_epochs: int = setting(3, "local epochs E (early stopping may stop sooner)")
+    batch_size: int = setting(64, "local batch size B")
+    learning_rate: float = setting(0.001, "Adam `lr0` of the clients")
+    lr_delay_alpha: float = setting(
+        0.01, "`alpha` in `lr_e = lr0 / (sqrt(e+1) (1 + alpha tau))`"
+    )
+    patience: int = setting(
+        1, "early stopping: epochs without enough train-loss improvement"
+    )
+    early_stop_delta: float = setting(
+        0.2,
+        "early stopping: an epoch must cut the best train loss by this fraction, "
+        "in [0, 1)",
+    )
+    dirichlet_alpha: float = setting(0.5, "non-IID label skew (smaller = more skewed)")
     # Asynchronous aggregation.
-    aggregation: str = "fedbuff"
-    buffer_size: int = 0
-    server_lr: float = 1.0
-    mixing_rate: float = 0.5
-    staleness_fn: str = "polynomial"
-    staleness_a: float = 0.5
-    staleness_b: float = 4.0
-    max_staleness: int = 20
-    selection: str = "without-replacement"
-    sync_selection: str = "selector"
-    distinct_buffer: bool = True
-    task_timeout: float = 600.0
-    max_consecutive_failures: int = 0
+    aggregation: str = setting(
+        "fedbuff",
+        "the rule: `fedbuff`, `fedasync`, `ca2fl`, `fadas` (see docs/strategy.md)",
+    )
+    buffer_size: int = setting(
+        0, "K updates per buffered merge; `0` = `clients-per-round`"
+    )
+    server_lr: float = setting(
+        RULE_DEFAULT_LR,
+        "server learning rate of buffered rules; `0` = the rule's own default "
+        "(fedbuff, ca2fl 1.0; fadas 0.001)",
+    )
+    mixing_rate: float = setting(0.5, "fedasync: `a` of the mixing, in (0, 1]")
+    staleness_fn: str = setting(
+        "polynomial",
+        "fedbuff, fedasync: `constant`, `polynomial`, `hinge`, `exponential`, "
+        "`inverse`",
+    )
+    staleness_a: float = setting(
+        FUNCTION_DEFAULT,
+        "parameter `a` of the staleness function; `-1` = the function's own default",
+    )
+    staleness_b: float = setting(
+        FUNCTION_DEFAULT,
+        "parameter `b` of the staleness function; `-1` = the function's own default",
+    )
+    max_staleness: int = setting(
+        20, "`tau_max`: staler updates are dropped (and counted)"
+    )
+    selection: str = setting(
+        "without-replacement",
+        "client selection: `with-replacement` or `without-replacement`",
+    )
+    sync_selection: str = setting(
+        "selector",
+        "how FedAvg samples a round: `selector` (the `selection` policy, seeded) or "
+        "`flower` (Flower's `random.sample`)",
+    )
+    distinct_buffer: bool = setting(
+        True,
+        "buffered rules: prefer idle clients whose update is not waiting in the "
+        "buffer (a preference, never a cap on busy slots)",
+    )
+    task_timeout: float = setting(
+        600.0,
+        "seconds a task may take before it counts as failed (also the message TTL)",
+    )
+    max_consecutive_failures: int = setting(
+        0,
+        "stop after this many failed tasks in a row with no update admitted; `0` = "
+        "`max(30, 3 x clients-per-round)`",
+    )
     # Heterogeneous clients and the simulation clock.
-    clock: str = "virtual"
-    profile_query: str = "on-join"
-    speed_spread: float = 10.0
-    straggler_fraction: float = 0.0
-    straggler_slowdown: float = 10.0
-    max_delay_s: float = 2.0
-    step_time_s: float = 0.01
+    clock: str = setting(
+        "virtual",
+        "`virtual` (simulated time, reproducible), `real` (clients sleep their "
+        "delay), `none` (arrival order)",
+    )
+    profile_query: str = setting(
+        "on-join",
+        "when the virtual clock asks a node for its profile: `on-join` or "
+        "`first-dispatch` (no start-up barrier, for thousands of nodes)",
+    )
+    speed_spread: float = setting(
+        10.0, "client speed factors log-uniform over `[1, speed-spread]`"
+    )
+    straggler_fraction: float = setting(
+        0.0, "fraction of clients made `straggler-slowdown` times slower"
+    )
+    straggler_slowdown: float = setting(10.0, "slowdown of stragglers")
+    max_delay_s: float = setting(
+        2.0, "network delay per task ~ U(0, max-delay-s), as in the paper's code"
+    )
+    step_time_s: float = setting(
+        0.01, "simulated seconds per optimizer step on the fastest client"
+    )
     # Output and fault tolerance.
-    results_dir: str = "results"
-    checkpoint_every: int = 0
-    resume_from: str = ""
+    results_dir: str = setting("results", "where results folders are written")
+    checkpoint_every: int = setting(
+        0, "write a checkpoint every this many versions (async); `0` = never"
+    )
+    resume_from: str = setting(
+        "", 'a checkpoint to resume from (async); `""` = a fresh run'
+    )
+    # Every rule's own settings, by run-config key (not a key itself).
+    rule_settings: tuple[tuple[str, Any], ...] = field(
+        default_factory=_rule_defaults, metadata={"doc": "", "internal": True}
+    )
 
     @property
     def effective_buffer_size(self) -> int:
         """Buffer size K; ``buffer-size = 0`` means K = ``clients-per-round``."""
         return self.buffer_size or self.clients_per_round
+
+    @classmethod
+    def run_config_fields(cls) -> dict[str, Any]:
+        """Run-config key -> dataclass field, for the fields that are keys."""
+        return {kebab(f.name): f for f in fields(cls) if not f.metadata.get("internal")}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
@@ -107,23 +252,65 @@ class AppConfig:
             On an unknown key, a value of the wrong type, or an invalid value; the
             message names the key and what is allowed.
         """
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+        known = cls.run_config_fields()
+        rule_keys = rule_setting_keys()
+        unknown = sorted(set(run_config) - set(known) - set(rule_keys))
         if unknown:
             raise ConfigError(
-                f"Unknown run-config key(s) {unknown}; allowed: {sorted(known)}"
+                f"Unknown run-config key(s) {unknown}; allowed: "
+                f"{sorted({*known, *rule_keys})}"
             )
         values: dict[str, Any] = {}
+        rules = dict(_rule_defaults())
         for key, value in run_config.items():
-            field = known[key]
-            values[field.name] = _coerce(key, value, field.type)
-        config = cls(**values)
+            if key in known:
+                values[known[key].name] = coerce(key, value, known[key].type)
+            else:
+                rule, name = rule_keys[key]
+                annotation = next(
+                    f.type for f in rule_class(rule).setting_fields() if f.name == name
+                )
+                rules[key] = coerce(key, value, annotation)
+        config = cls(**values, rule_settings=tuple(sorted(rules.items())))
         config.validate()
         return config
 
     def to_run_config(self) -> dict[str, Any]:
         """Return the kebab-case run-config dictionary of this configuration."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        out = {
+            key: getattr(self, f.name) for key, f in self.run_config_fields().items()
+        }
+        out.update(dict(self.rule_settings))
+        return out
+
+    def strategy_keywords(self) -> dict[str, Any]:
+        """The chosen rule's settings as strategy keywords (sentinels resolved).
+
+        Shared settings the rule reads, with the run config's "rule default"
+        sentinels (``server-lr = 0``, ``staleness-a = -1``) left out, then the
+        rule's own settings (``fadas_tau_c``, ...). ``buffer_size`` resolves
+        ``0`` to ``clients-per-round``.
+        """
+        accepted = rule_keywords(self.aggregation)
+        shared: dict[str, Any] = {
+            "buffer_size": self.effective_buffer_size,
+            "server_lr": None if self.server_lr == RULE_DEFAULT_LR else self.server_lr,
+            "mixing_rate": self.mixing_rate,
+            "staleness_fn": self.staleness_fn,
+            "staleness_a": None
+            if self.staleness_a == FUNCTION_DEFAULT
+            else self.staleness_a,
+            "staleness_b": None
+            if self.staleness_b == FUNCTION_DEFAULT
+            else self.staleness_b,
+        }
+        keywords = {k: v for k, v in shared.items() if k in accepted and v is not None}
+        rule = rule_class(self.aggregation).name
+        for key, value in self.rule_settings:
+            owner, name = rule_setting_keys()[key]
+            if owner == rule:
+                keywords[setting_keyword(rule, name)] = value
+        return keywords
 
     def validate(self) -> None:
         """Check every value; raise :class:`ConfigError` naming the first bad key."""
@@ -147,12 +334,11 @@ class AppConfig:
             "num-test",
         ):
             _positive(key, getattr(self, key.replace("-", "_")))
-        for key in ("learning-rate", "dirichlet-alpha", "server-lr", "task-timeout"):
+        for key in ("learning-rate", "dirichlet-alpha", "task-timeout"):
             _positive(key, getattr(self, key.replace("-", "_")))
         for key in (
             "lr-delay-alpha",
-            "staleness-a",
-            "staleness-b",
+            "server-lr",
             "max-staleness",
             "buffer-size",
             "max-delay-s",
@@ -161,6 +347,12 @@ class AppConfig:
             "max-consecutive-failures",
         ):
             _non_negative(key, getattr(self, key.replace("-", "_")))
+        for key in ("staleness-a", "staleness-b"):
+            value = getattr(self, key.replace("-", "_"))
+            if value != FUNCTION_DEFAULT and not value >= 0:
+                raise ConfigError(
+                    f"{key}={value!r} must be >= 0, or -1 for the function's default"
+                )
         if self.resume_from and self.mode != "async":
             raise ConfigError(
                 f"resume-from={self.resume_from!r} needs mode='async' (FedAvg runs "
@@ -200,27 +392,56 @@ class AppConfig:
                 f"straggler-fraction={self.straggler_fraction} is out of range; "
                 "allowed: [0, 1]"
             )
+        self._validate_rule_settings()
 
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert a TOML/CLI value to the field's type, refusing lossy conversions."""
-    if annotation in (bool, "bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
-        return value
-    if annotation in (float, "float") and isinstance(value, int | float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
-    if annotation in (int, "int"):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        if float(value) != int(value):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return int(value)
-    if annotation in (str, "str") and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {annotation}")
+    def _validate_rule_settings(self) -> None:
+        """Each rule's own settings pass its checks; none is set for another rule."""
+        defaults = dict(_rule_defaults())
+        chosen = rule_class(self.aggregation).name
+        by_rule: dict[str, dict[str, Any]] = {}
+        for key, value in self.rule_settings:
+            rule, name = rule_setting_keys()[key]
+            by_rule.setdefault(rule, {})[name] = value
+            if rule != chosen and value != defaults[key]:
+                raise ConfigError(
+                    f"{key}={value!r} is a setting of aggregation '{rule}', but "
+                    f"aggregation={self.aggregation!r}; remove it or choose '{rule}'"
+                )
+        for rule, values in by_rule.items():
+            try:
+                rule_class(rule).Settings(**values).validate()
+            except SettingError as err:
+                raise ConfigError(
+                    err.message(kebab(setting_keyword(rule, err.field)))
+                ) from None
+        if self.mode != "async":
+            return
+        shared = {
+            "server-lr": self.server_lr != RULE_DEFAULT_LR,
+            "mixing-rate": self.mixing_rate != 0.5,
+            "staleness-fn": self.staleness_fn != "polynomial",
+            "staleness-a": self.staleness_a != FUNCTION_DEFAULT,
+            "staleness-b": self.staleness_b != FUNCTION_DEFAULT,
+        }
+        accepted = rule_keywords(self.aggregation)
+        for key, is_set in shared.items():
+            if is_set and key.replace("-", "_") not in accepted:
+                raise ConfigError(
+                    f"{key}={getattr(self, key.replace('-', '_'))!r} has no effect "
+                    f"with aggregation={self.aggregation!r} (its settings: "
+                    f"{', '.join(kebab(k) for k in accepted)})"
+                )
+        try:
+            rule_class(self.aggregation).Settings(
+                **{
+                    rule_keywords(self.aggregation)[k]: v
+                    for k, v in self.strategy_keywords().items()
+                }
+            ).validate()
+        except SettingError as err:
+            raise ConfigError(
+                err.message(kebab(setting_keyword(chosen, err.field)))
+            ) from None
 
 
 def _choice(key: str, value: str, allowed: "list[str] | tuple[str, ...]") -> None:

@@ -157,12 +157,6 @@ def make_async_strategy(
         checkpoint_path=checkpoint_path,
         concurrency=cfg.clients_per_round,
         aggregation=cfg.aggregation,
-        buffer_size=cfg.effective_buffer_size,
-        server_lr=cfg.server_lr,
-        mixing_rate=cfg.mixing_rate,
-        staleness_fn=cfg.staleness_fn,
-        staleness_a=cfg.staleness_a,
-        staleness_b=cfg.staleness_b,
         max_staleness=cfg.max_staleness,
         selection=cfg.selection,
         distinct_buffer=cfg.distinct_buffer,
@@ -172,6 +166,7 @@ def make_async_strategy(
         clock=clock,
         eval_every=cfg.eval_every,
         max_reply_bytes=MAX_REPLY_BYTES,
+        **cfg.strategy_keywords(),
     )
 
 

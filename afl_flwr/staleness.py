@@ -3,39 +3,49 @@
 All are pure, equal 1 at ``tau = 0`` and are non-increasing in ``tau``. The names
 and forms follow FedAsync (Xie et al. 2019, Sec. 5.2: constant, polynomial, hinge),
 an exponential decay, and ``1 / (1 + b tau)`` from the paper's reference code.
+
+Each function declares the parameters it uses, with its own defaults, in its
+signature: :func:`make_staleness_fn` binds only the parameters it is given, so
+``make_staleness_fn("inverse")`` is ``1 / (1 + 0.05 tau)``, the reference code's
+value, and ``make_staleness_fn("polynomial")`` is FedBuff's ``1 / sqrt(1 + tau)``.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from functools import partial
 
 StalenessFn = Callable[[int], float]
+PARAMETERS = ("a", "b")
 
 
-def constant(tau: int, a: float = 0.0, b: float = 0.0) -> float:
+def constant(tau: int) -> float:
     """``s(tau) = 1``: no penalty (plain asynchronous averaging)."""
     return 1.0
 
 
-def polynomial(tau: int, a: float = 0.5, b: float = 0.0) -> float:
-    """``s(tau) = (1 + tau)^-a``."""
+def polynomial(tau: int, a: float = 0.5) -> float:
+    """``s(tau) = (1 + tau)^-a``; ``a = 0.5`` is FedBuff's ``1/sqrt(1+tau)``."""
     return float((1.0 + tau) ** -a)
 
 
 def hinge(tau: int, a: float = 10.0, b: float = 4.0) -> float:
-    """``s(tau) = 1`` for ``tau <= b``, else ``1 / (a (tau - b) + 1)``."""
+    """``s(tau) = 1`` for ``tau <= b``, else ``1 / (a (tau - b) + 1)``.
+
+    Defaults ``a = 10, b = 4`` are FedAsync's experiments' values.
+    """
     if tau <= b:
         return 1.0
     return 1.0 / (a * (tau - b) + 1.0)
 
 
-def exponential(tau: int, a: float = 0.0, b: float = 0.5) -> float:
-    """``s(tau) = exp(-b tau)``."""
+def exponential(tau: int, b: float = 0.5) -> float:
+    """``s(tau) = exp(-b tau)`` (default ``b = 0.5``)."""
     return math.exp(-b * tau)
 
 
-def inverse(tau: int, a: float = 0.0, b: float = 1.0) -> float:
-    """``s(tau) = 1 / (1 + b tau)``, the form written in the paper's reference code."""
+def inverse(tau: int, b: float = 0.05) -> float:
+    """``s(tau) = 1 / (1 + b tau)``; ``b = 0.05`` is the paper's code's value."""
     return 1.0 / (1.0 + b * tau)
 
 
@@ -48,16 +58,32 @@ STALENESS_FUNCTIONS: dict[str, Callable[..., float]] = {
 }
 
 
-def make_staleness_fn(name: str, a: float, b: float) -> StalenessFn:
+def parameter_defaults(name: str) -> dict[str, float]:
+    """The parameters function ``name`` uses, with defaults (``{"a": 0.5}``)."""
+    if name not in STALENESS_FUNCTIONS:
+        allowed = ", ".join(sorted(STALENESS_FUNCTIONS))
+        raise ValueError(f"Unknown staleness function '{name}'; allowed: {allowed}")
+    signature = inspect.signature(STALENESS_FUNCTIONS[name])
+    return {
+        p: float(signature.parameters[p].default)
+        for p in PARAMETERS
+        if p in signature.parameters
+    }
+
+
+def make_staleness_fn(
+    name: str, a: float | None = None, b: float | None = None
+) -> StalenessFn:
     """Bind a registered staleness function to its parameters.
 
     Parameters
     ----------
     name : str
         One of :data:`STALENESS_FUNCTIONS`.
-    a, b : float
-        Shape parameters, both ``>= 0`` (which one a function uses is in its
-        docstring).
+    a, b : float, optional (default: None)
+        Shape parameters, ``>= 0``; ``None`` keeps the function's own default
+        (:func:`parameter_defaults`). A parameter the function does not use must
+        be ``None``.
 
     Returns
     -------
@@ -67,13 +93,31 @@ def make_staleness_fn(name: str, a: float, b: float) -> StalenessFn:
     Raises
     ------
     ValueError
-        On an unknown name or a negative parameter.
+        On an unknown name, a negative parameter, or a parameter the function
+        does not use; the message names it.
     """
-    if name not in STALENESS_FUNCTIONS:
-        allowed = ", ".join(sorted(STALENESS_FUNCTIONS))
-        raise ValueError(f"Unknown staleness function '{name}'; allowed: {allowed}")
-    if a < 0 or b < 0:
+    defaults = parameter_defaults(name)
+    given = {k: v for k, v in (("a", a), ("b", b)) if v is not None}
+    unused = sorted(set(given) - set(defaults))
+    if unused:
+        uses = ", ".join(defaults) or "no parameter"
         raise ValueError(
-            f"Staleness parameters must be >= 0, got a={a}, b={b} for '{name}'"
+            f"staleness_{unused[0]} is not a parameter of staleness function "
+            f"'{name}' (it uses {uses})"
         )
-    return partial(STALENESS_FUNCTIONS[name], a=a, b=b)
+    for key, value in given.items():
+        if not value >= 0:
+            raise ValueError(
+                f"staleness_{key}={value} must be >= 0 for staleness function '{name}'"
+            )
+    return partial(STALENESS_FUNCTIONS[name], **given)
+
+
+def describe(name: str, a: float | None = None, b: float | None = None) -> str:
+    """``name(a=..., b=...)`` with the values in effect, for logs and summaries."""
+    values = {**parameter_defaults(name)}
+    values.update(
+        {k: v for k, v in (("a", a), ("b", b)) if v is not None and k in values}
+    )
+    inner = ", ".join(f"{k}={v:g}" for k, v in values.items())
+    return f"{name}({inner})"

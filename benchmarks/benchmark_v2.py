@@ -23,11 +23,9 @@ Usage::
 import argparse
 import hashlib
 import json
-import logging
 import math
 import multiprocessing
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ from afl_flwr.clock import NodeProfile, speed_factors
 from afl_flwr.config import AppConfig
 from afl_flwr.data import partition_sizes
 from afl_flwr.experiments.bound import async_rate_bound, completed_per_second
-from afl_flwr.experiments.runs import markdown_table
+from afl_flwr.experiments.runs import markdown_table, quiet_worker
 from afl_flwr.experiments.stats import Interval, t_interval
 from afl_flwr.results import TEST_ACC
 
@@ -204,14 +202,6 @@ def method_overrides(method: str, size: Size) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ one run
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
-
-
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one (cell, method, seed) in process; return its numbers (cached)."""
     cache = Path(job["cache"])
@@ -280,7 +270,7 @@ def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     started = time.time()
     records = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, context, initializer=quiet_worker) as pool:
         futures = {pool.submit(run_job, job): job for job in jobs}
         for done, future in enumerate(as_completed(futures), start=1):
             record = future.result()

@@ -6,25 +6,22 @@ import os
 import signal
 import struct
 import subprocess
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
 from flwr.app import (
     Array,
     ArrayRecord,
-    ConfigRecord,
     Error,
     Message,
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from afl_flwr.experiments.scripted_grid import ScriptedGrid
 from afl_flwr.partition_cache import CACHE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +76,13 @@ def make_params(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+    # np.ascontiguousarray would turn 0-d arrays (num_batches_tracked) into 1-d.
+    return ArrayRecord(
+        {
+            k: Array(v if v.flags.c_contiguous else np.array(v))
+            for k, v in params.items()
+        }
+    )
 
 
 def from_message(message: Message) -> dict[str, np.ndarray]:
@@ -110,90 +113,26 @@ def shift_by(delta: float, num_examples: float = 10.0) -> ReplyFn:
     return reply
 
 
-@dataclass
-class _Pending:
-    ready_tick: int
-    reply: Message | None
+class FakeGrid(ScriptedGrid):
+    """The project's :class:`ScriptedGrid` with the tests' reply functions.
 
-
-@dataclass
-class FakeGrid(Grid):
-    """A Grid whose replies arrive after scripted numbers of polls ("ticks").
-
-    Every ``pull_messages`` call advances the clock by one tick; a reply to a
-    message pushed at tick ``t`` to node ``n`` becomes available at tick
-    ``t + delays[n]``. ``nodes_at`` optionally changes the node set over time.
+    A test's reply function also gets the train message's arrays as numpy
+    (``(node, message, params)``); every ``pull_messages`` call advances the
+    clock by one tick, and a reply to a message pushed at tick ``t`` to node
+    ``n`` becomes available at tick ``t + delays[n]``. Profile queries are
+    answered from ``profiles`` only.
     """
 
-    replies: dict[int, ReplyFn]
-    delays: dict[int, int] = field(default_factory=dict)
-    nodes_at: Callable[[int], Iterable[int]] | None = None
-    profiles: dict[int, ConfigRecord] = field(default_factory=dict)
-    tick: int = 0
-    sent: list[Message] = field(default_factory=list)
-    pending: dict[str, _Pending] = field(default_factory=dict)
-    extra_replies: list[Message] = field(default_factory=list)
+    def __init__(self, replies: dict[int, ReplyFn], **kwargs) -> None:
+        def adapt(fn: ReplyFn):
+            def reply(node: int, message: Message):
+                if message.metadata.message_type == "query.profile":
+                    return None
+                return fn(node, message, from_message(message))
 
-    # Grid's abstract API --------------------------------------------------
-    def set_run(self, run):
-        self._run = run
+            return reply
 
-    @property
-    def run(self):
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        if self.nodes_at is not None:
-            return list(self.nodes_at(self.tick))
-        return list(self.replies)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid4())
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            outcome = self.replies[node](node, message, from_message(message))
-            reply = None
-            if isinstance(outcome, Error) or outcome is not None:
-                reply = Message(outcome, reply_to=message)
-            self.pending[message.metadata.message_id] = _Pending(
-                self.tick + self.delays.get(node, 1), reply
-            )
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        self.tick += 1
-        out = list(self.extra_replies)
-        self.extra_replies.clear()
-        for message_id in list(message_ids):
-            pending = self.pending.get(message_id)
-            if (
-                pending
-                and pending.reply is not None
-                and pending.ready_tick <= self.tick
-            ):
-                out.append(pending.reply)
-                del self.pending[message_id]
-        return out
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid4())
-            node = message.metadata.dst_node_id
-            if node in self.profiles:
-                content = RecordDict({"profile": self.profiles[node]})
-                out.append(Message(content, reply_to=message))
-        return out
-
-    # helpers ----------------------------------------------------------------
-    def train_messages(self) -> list[Message]:
-        return [m for m in self.sent if m.metadata.message_type == "train"]
+        super().__init__(replies={n: adapt(f) for n, f in replies.items()}, **kwargs)
 
 
 def run_bounded(

@@ -93,12 +93,21 @@ def test_staleness_rejects_base_from_the_future() -> None:
 # --- mix_immediate ------------------------------------------------------------
 
 
+def _read_only(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read-only copies, as Flower's record views are."""
+    out = {}
+    for name, value in params.items():
+        copy = np.array(value)
+        copy.flags.writeable = False
+        out[name] = copy
+    return out
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 0.73, 1.0])
-def test_mix_immediate_float_in_place(rate: float) -> None:
-    # Prepare
-    current, update = _params(0), _params(1)
+def test_mix_immediate_returns_fresh_arrays(rate: float) -> None:
+    # Prepare: read-only inputs, as the caller's (Flower's) arrays are
+    current, update = _read_only(_params(0)), _read_only(_params(1))
     before = _deep_copy(current)
-    arrays_before = {name: id(value) for name, value in current.items()}
     expected = {
         name: (1.0 - rate) * before[name].astype(np.float64)
         + rate * update[name].astype(np.float64)
@@ -108,12 +117,13 @@ def test_mix_immediate_float_in_place(rate: float) -> None:
     # Execute
     result = mix_immediate(current, update, rate)
 
-    # Assert
-    assert result is None
-    for name, value in current.items():
-        assert id(value) == arrays_before[name]  # same arrays, modified in place
+    # Assert: a new model; the inputs untouched, bit for bit
+    assert list(result) == list(current)
+    for name, value in result.items():
+        assert value is not current[name]
         assert value.dtype == np.float32
         np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(current[name], before[name])
 
 
 def test_mix_immediate_does_not_touch_update() -> None:
@@ -132,14 +142,14 @@ def test_mix_immediate_does_not_touch_update() -> None:
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_mix_immediate_keeps_integer_dtype(dtype: type) -> None:
     # Prepare: 0.75 * [10, 0, 40] + 0.25 * [14, 7, 0] = [11, 1.75, 30].
-    current = {"bn.num_batches_tracked": np.array([10, 0, 40], dtype=dtype)}
+    current = _read_only({"bn.num_batches_tracked": np.array([10, 0, 40], dtype=dtype)})
     update = {"bn.num_batches_tracked": np.array([14, 7, 0], dtype=dtype)}
 
     # Execute
-    mix_immediate(current, update, 0.25)
+    result = mix_immediate(current, update, 0.25)
 
     # Assert
-    mixed = current["bn.num_batches_tracked"]
+    mixed = result["bn.num_batches_tracked"]
     assert mixed.dtype == dtype
     np.testing.assert_array_equal(mixed, np.array([11, 2, 30], dtype=dtype))
 
@@ -319,22 +329,25 @@ def test_buffered_returns_ndarrays_for_zero_dim_params(server_lr: float) -> None
         assert value.dtype == current[name].dtype
 
 
-def test_mix_immediate_zero_dim_arrays_in_place() -> None:
+def test_mix_immediate_zero_dim_arrays() -> None:
     # Prepare
-    counter = np.array(100, dtype=np.int64)
-    scale = np.array(1.0, dtype=np.float32)
-    current = {"bn.num_batches_tracked": counter, "scale": scale}
+    current = _read_only(
+        {
+            "bn.num_batches_tracked": np.array(100, dtype=np.int64),
+            "scale": np.array(1.0, dtype=np.float32),
+        }
+    )
     update = {
         "bn.num_batches_tracked": np.array(110, dtype=np.int64),
         "scale": np.array(3.0, dtype=np.float32),
     }
 
     # Execute
-    mix_immediate(current, update, 0.2)
+    result = mix_immediate(current, update, 0.2)
 
     # Assert: 0.8 * 100 + 0.2 * 110 = 102 and 0.8 * 1 + 0.2 * 3 = 1.4.
-    assert current["bn.num_batches_tracked"] is counter
-    assert current["scale"] is scale
+    counter, scale = result["bn.num_batches_tracked"], result["scale"]
+    assert int(current["bn.num_batches_tracked"]) == 100
     assert counter.dtype == np.int64 and counter.shape == ()
     assert counter == 102
     assert scale.dtype == np.float32 and scale.shape == ()

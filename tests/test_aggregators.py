@@ -1,6 +1,7 @@
 """Aggregation rules tested without the event loop, on mock updates."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from afl_flwr.aggregation import Params
 from afl_flwr.aggregators import (
     AGGREGATORS,
     Aggregator,
-    AggregatorSettings,
     FedAsync,
     FedBuff,
     Update,
@@ -18,8 +18,9 @@ from afl_flwr.aggregators import (
     make_aggregator,
 )
 from afl_flwr.staleness import make_staleness_fn
+from afl_flwr.strategy import StalenessAwareAsyncStrategy
 
-POLY = make_staleness_fn("polynomial", 0.5, 0.0)
+POLY = make_staleness_fn("polynomial", 0.5)
 
 
 def _update(params: Params, base: Params | None, tau: int, n: float = 10.0) -> Update:
@@ -156,16 +157,15 @@ def test_fedasync_mixes_with_a_times_s_tau(tau):
 def test_registry_names_and_aliases():
     assert {"fedbuff", "fedasync"} <= set(AGGREGATORS.names())
     assert {"buffered", "immediate"} <= set(aggregation_names())
-    settings = AggregatorSettings(buffer_size=3, server_lr=0.7, staleness_fn=POLY)
-    rule = make_aggregator("buffered", settings)
+    rule = make_aggregator("buffered", {"buffer_size": 3, "server_lr": 0.7})
     assert isinstance(rule, FedBuff)
     assert (rule.buffer_size, rule.server_lr) == (3, 0.7)
-    assert isinstance(make_aggregator("immediate", settings), FedAsync)
+    assert isinstance(make_aggregator("immediate", {"mixing_rate": 0.3}), FedAsync)
 
 
 def test_unknown_aggregation_names_what_is_allowed():
     with pytest.raises(ValueError, match=r"allowed: .*fedasync.*fedbuff"):
-        make_aggregator("fedmagic", AggregatorSettings())
+        make_aggregator("fedmagic")
 
 
 def test_a_new_rule_is_one_class_plus_its_registration():
@@ -176,6 +176,7 @@ def test_a_new_rule_is_one_class_plus_its_registration():
         needs_base = False
 
         def __init__(self) -> None:
+            super().__init__()
             self.last: Update | None = None
 
         def weight(self, update: Update) -> float:
@@ -190,7 +191,7 @@ def test_a_new_rule_is_one_class_plus_its_registration():
             return {k: np.array(v) for k, v in self.last.params.items()}
 
     try:
-        rule = make_aggregator("test-newest", AggregatorSettings())
+        rule = make_aggregator("test-newest")
         client = make_params(9)
         rule.add(_update(client, None, 4))
         new = rule.merge(make_params(0))
@@ -198,3 +199,32 @@ def test_a_new_rule_is_one_class_plus_its_registration():
             np.testing.assert_array_equal(new[name], client[name])
     finally:
         AGGREGATORS._entries.pop("test-newest")
+
+
+def test_the_readme_rule_example_registers_and_takes_its_settings():
+    # Prepare: the README's "Adding an aggregation rule" code, as written there
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("# my_project/newest.py\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    try:
+        # Execute: as a strategy keyword (prefixed) and as an instance
+        strategy = StalenessAwareAsyncStrategy(
+            aggregation="damped-newest", damped_newest_damping=0.3
+        )
+        rule = strategy.aggregator
+        x, client = make_params(0), make_params(1)
+        rule.add(_update(client, None, 3))
+        new = rule.merge(x)
+
+        # Assert: damping 0.3 times s(3) = 0.3 / 2 of the way to the client
+        assert rule.settings.damping == 0.3
+        for name in x:
+            expected = x[name] + 0.15 * (client[name] - x[name])
+            np.testing.assert_allclose(new[name], expected, rtol=1e-5)
+        with pytest.raises(ValueError, match="damped_newest_damping=0"):
+            StalenessAwareAsyncStrategy(
+                aggregation="damped-newest", damped_newest_damping=0.0
+            )
+    finally:
+        AGGREGATORS._entries.pop("damped-newest")

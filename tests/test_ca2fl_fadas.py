@@ -15,7 +15,6 @@ from afl_flwr.aggregators import (
     AGGREGATORS,
     CA2FL,
     FADAS,
-    AggregatorSettings,
     Update,
     aggregation_names,
     make_aggregator,
@@ -174,22 +173,41 @@ def test_ca2fl_float16_cache_stays_close_to_float32(scale):
     assert error < 5e-4
 
 
-def test_ca2fl_integer_arrays_move_by_the_rounded_mean_delta():
-    # Prepare: a batch-norm counter beside a float array
-    x0 = {"n": np.array(100, np.int64), "w": np.zeros(2, np.float32)}
-    rule = CA2FL(buffer_size=2, server_lr=1.0)
-    for client, steps in ((0, 10), (1, 13)):
+def _counter_buffer(rule, n1: float = 1.0, n2: float = 1.0):
+    for client, steps, n in ((0, 10, n1), (1, 13, n2)):
         base = {"w": np.zeros(2, np.float32), "n": np.array(90, np.int64)}
         params = {"w": np.ones(2, np.float32), "n": np.array(90 + steps, np.int64)}
-        rule.add(Update(client, params, base, 0, 0, 1.0))
+        rule.add(Update(client, params, base, 0, 0, n))
+
+
+def test_ca2fl_integer_state_is_the_example_weighted_client_average():
+    # Prepare: a batch-norm counter beside a float array; clients hold 1 and 3
+    x0 = {"n": np.array(100, np.int64), "w": np.zeros(2, np.float32)}
+    rule = CA2FL(buffer_size=2, server_lr=1.0)
+    _counter_buffer(rule, n1=1.0, n2=3.0)
 
     # Execute
     x1 = rule.merge(x0)
 
-    # Assert: 100 + rint((10 + 13) / 2) = 112, still int64; array order kept
+    # Assert: rint((1 * 100 + 3 * 103) / 4) = rint(102.25) = 102, int64, no
+    # delta step (which would give 100 + rint(11.5) = 112); array order kept
     assert list(x1) == ["n", "w"]
-    assert x1["n"].dtype == np.int64 and int(x1["n"]) == 112
+    assert x1["n"].dtype == np.int64 and int(x1["n"]) == 102
     np.testing.assert_allclose(x1["w"], [1.0, 1.0])
+
+
+def test_ca2fl_an_integer_array_declared_a_weight_moves_by_the_rounded_mean_delta():
+    # Prepare: the user declares no state at all
+    x0 = {"n": np.array(100, np.int64), "w": np.zeros(2, np.float32)}
+    rule = CA2FL(buffer_size=2, server_lr=1.0)
+    rule.bind_state(())
+    _counter_buffer(rule)
+
+    # Execute
+    x1 = rule.merge(x0)
+
+    # Assert: 100 + rint((10 + 13) / 2) = 112
+    assert x1["n"].dtype == np.int64 and int(x1["n"]) == 112
 
 
 def test_ca2fl_rejects_unknown_cache_dtype():
@@ -239,7 +257,7 @@ def test_fadas_matches_amsgrad_with_delay_adaptive_rate(
     knobs = {"eta": 0.5, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "tau_c": 1}
     rule = FADAS(
         buffer_size=3,
-        eta=knobs["eta"],
+        server_lr=knobs["eta"],
         beta1=knobs["b1"],
         beta2=knobs["b2"],
         eps=knobs["eps"],
@@ -268,7 +286,7 @@ def test_fadas_delay_rules_differ_on_a_stale_buffer():
 
     # Execute
     for delay_rule in ("none", "paper", "code"):
-        rule = FADAS(buffer_size=2, eta=0.5, delay_rule=delay_rule)
+        rule = FADAS(buffer_size=2, server_lr=0.5, delay_rule=delay_rule)
         moved[delay_rule] = _flat(_run(rule, x0, rounds)) - _flat(x0)
 
     # Assert: the first bias-corrected AMSGrad step is lr * sign(mean delta)
@@ -279,7 +297,7 @@ def test_fadas_delay_rules_differ_on_a_stale_buffer():
 
 def test_fadas_sets_integer_arrays_to_the_clients_average():
     x0 = {"n": np.array(100, np.int64), "w": np.zeros(2, np.float32)}
-    rule = FADAS(buffer_size=2, eta=0.1)
+    rule = FADAS(buffer_size=2, server_lr=0.1)
     for client, count in ((0, 110), (1, 113)):
         base = {"w": np.zeros(2, np.float32), "n": np.array(90, np.int64)}
         params = {"w": np.ones(2, np.float32), "n": np.array(count, np.int64)}
@@ -293,8 +311,8 @@ def test_fadas_sets_integer_arrays_to_the_clients_average():
 
 
 def test_fadas_takes_its_own_eta_unless_the_strategy_sets_server_lr():
-    default = make_aggregator("fadas", AggregatorSettings(buffer_size=4))
-    chosen = make_aggregator("fadas", AggregatorSettings(buffer_size=4, server_lr=0.05))
+    default = make_aggregator("fadas", {"buffer_size": 4})
+    chosen = make_aggregator("fadas", {"buffer_size": 4, "server_lr": 0.05})
 
     assert isinstance(default, FADAS) and isinstance(chosen, FADAS)
     assert (default.buffer_size, default.eta) == (4, 1e-3)
@@ -310,9 +328,9 @@ def test_fadas_takes_its_own_eta_unless_the_strategy_sets_server_lr():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"delay_rule": "fast"}, "allowed: paper, code, none"),
+        ({"delay_rule": "fast"}, "allowed: code, paper, none"),
         ({"beta2": 1.0}, "beta2"),
-        ({"eta": 0.0}, "eta"),
+        ({"server_lr": 0.0}, "server_lr"),
     ],
 )
 def test_fadas_rejects_bad_knobs(kwargs, match):
@@ -326,7 +344,7 @@ def test_fadas_rejects_bad_knobs(kwargs, match):
     [
         lambda: CA2FL(buffer_size=3, server_lr=0.7),
         lambda: CA2FL(buffer_size=3, cache_dtype="float32"),
-        lambda: FADAS(buffer_size=3, eta=0.05, delay_rule="code"),
+        lambda: FADAS(buffer_size=3, server_lr=0.05, delay_rule="code"),
     ],
     ids=["ca2fl-float16", "ca2fl-float32", "fadas"],
 )
@@ -371,8 +389,7 @@ def test_ca2fl_checkpoint_holds_one_group_per_cached_client(tmp_path):
 def test_registered_and_accepted_by_the_run_config():
     assert {"ca2fl", "fadas"} <= set(AGGREGATORS.names())
     assert {"ca2fl", "fadas"} <= set(aggregation_names())
-    settings = AggregatorSettings(buffer_size=3, server_lr=0.5)
-    ca2fl = make_aggregator("ca2fl", settings)
+    ca2fl = make_aggregator("ca2fl", {"buffer_size": 3, "server_lr": 0.5})
     assert isinstance(ca2fl, CA2FL)
     assert (ca2fl.buffer_size, ca2fl.server_lr) == (3, 0.5)
     for name in ("ca2fl", "fadas"):

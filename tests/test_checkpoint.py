@@ -36,8 +36,7 @@ def test_resume_continues_history_without_gap_or_repeat(tmp_path, aggregation):
     nodes = {n: shift_by(float(n)) for n in (1, 2, 3)}
     first = StalenessAwareAsyncStrategy(
         concurrency=2,
-        aggregation=aggregation,
-        buffer_size=2,
+        aggregation=aggregation,  # K = concurrency = 2 for the buffered rule
         checkpoint_every=2,
         checkpoint_path=path,
         poll_interval=0.0,
@@ -51,8 +50,7 @@ def test_resume_continues_history_without_gap_or_repeat(tmp_path, aggregation):
     # Execute: a new server process resumes and runs to version 8
     second = StalenessAwareAsyncStrategy(
         concurrency=2,
-        aggregation=aggregation,
-        buffer_size=2,
+        aggregation=aggregation,  # K = concurrency = 2 for the buffered rule
         checkpoint_every=2,
         checkpoint_path=tmp_path / "next.npz",
         poll_interval=0.0,

@@ -196,7 +196,7 @@ def test_unknown_choice_names_key_and_allowed_values(
         ({"dirichlet-alpha": -0.5}, "dirichlet-alpha", "> 0"),
         ({"mixing-rate": 0.0}, "mixing-rate", "(0, 1]"),
         ({"mixing-rate": 1.5}, "mixing-rate", "(0, 1]"),
-        ({"staleness-a": -1.0}, "staleness-a", ">= 0"),
+        ({"staleness-a": -0.5}, "staleness-a", ">= 0"),
         ({"straggler-fraction": 1.5}, "straggler-fraction", "[0, 1]"),
     ],
 )
@@ -216,7 +216,7 @@ def test_out_of_range_value_names_key_and_range(
     [
         {"num-clients": 1, "clients-per-round": 1},
         {"num-clients": 10, "clients-per-round": 10},
-        {"mixing-rate": 1.0},
+        {"aggregation": "fedasync", "mixing-rate": 1.0},
         {"dirichlet-alpha": 1e-6},
         {"straggler-fraction": 0.0},
         {"straggler-fraction": 1.0},

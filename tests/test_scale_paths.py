@@ -8,7 +8,7 @@ import itertools
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -22,11 +22,12 @@ from afl_flwr.selection import WithoutReplacement, WithReplacement
 from afl_flwr.strategy import scheduler as scheduler_module
 
 
-@dataclass
 class QueryLog(FakeGrid):
     """FakeGrid that logs, in order, every profile query and training task."""
 
-    log: list[tuple[str, int]] = field(default_factory=list)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple[str, int]] = []
 
     def push_messages(self, messages):
         messages = list(messages)

@@ -386,7 +386,7 @@ def test_concurrency_above_node_count_keeps_all_busy():
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"staleness_fn": "linear"}, "Unknown staleness function"),
+        ({"staleness_fn": "linear"}, "staleness_fn='linear' is not allowed"),
         ({"buffer_size": 0}, "buffer_size"),
         ({"concurrency": 0}, "concurrency"),
         ({"staleness_a": -1.0}, "must be >= 0"),

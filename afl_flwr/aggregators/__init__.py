@@ -1,22 +1,30 @@
 """Asynchronous aggregation rules, one module each, behind one registry.
 
-``make_aggregator("fedbuff", settings)`` builds a registered rule; the aliases
-``buffered`` and ``immediate`` name FedBuff and FedAsync. Registered: ``fedbuff``,
-``fedasync``, ``ca2fl`` (cached update calibration) and ``fadas`` (AMSGrad server
-step with a delay-adaptive rate).
+``make_aggregator("fedbuff", {"server_lr": 0.5})`` builds a registered rule from
+strategy keywords; the aliases ``buffered`` and ``immediate`` name FedBuff and
+FedAsync. Registered: ``fedbuff``, ``fedasync``, ``ca2fl`` (cached update
+calibration) and ``fadas`` (AMSGrad server step with a delay-adaptive rate).
 """
+
+from collections.abc import Mapping
+from typing import Any
 
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
+    SHARED_SETTINGS,
     Aggregator,
-    AggregatorSettings,
     BufferedAggregator,
+    BufferSettings,
+    RuleSettings,
+    StalenessSettings,
     Update,
+    setting_keyword,
 )
-from afl_flwr.aggregators.ca2fl import CA2FL
-from afl_flwr.aggregators.fadas import FADAS
-from afl_flwr.aggregators.fedasync import FedAsync
-from afl_flwr.aggregators.fedbuff import FedBuff
+from afl_flwr.aggregators.ca2fl import CA2FL, CA2FLSettings
+from afl_flwr.aggregators.fadas import FADAS, FADASSettings
+from afl_flwr.aggregators.fedasync import FedAsync, FedAsyncSettings
+from afl_flwr.aggregators.fedbuff import FedBuff, FedBuffSettings
+from afl_flwr.settings import SettingError
 
 # Names of the first release, kept as aliases.
 ALIASES = {"buffered": "fedbuff", "immediate": "fedasync"}
@@ -27,9 +35,69 @@ def aggregation_names() -> list[str]:
     return sorted({*AGGREGATORS.names(), *ALIASES})
 
 
-def make_aggregator(name: str, settings: AggregatorSettings) -> Aggregator:
-    """Build the registered aggregator ``name`` (or an alias) from ``settings``."""
-    return AGGREGATORS.get(ALIASES.get(name, name)).from_settings(settings)
+def rule_class(name: str) -> type[Aggregator]:
+    """The registered rule ``name`` (or an alias)."""
+    return AGGREGATORS.get(ALIASES.get(name, name))
+
+
+def rule_keywords(name: str) -> dict[str, str]:
+    """Strategy keyword -> settings field of rule ``name``.
+
+    ``rule_keywords("fadas")["fadas_tau_c"] == "tau_c"``.
+    """
+    cls = rule_class(name)
+    return {setting_keyword(cls.name, f.name): f.name for f in cls.setting_fields()}
+
+
+def make_aggregator(
+    name: str,
+    keywords: Mapping[str, Any] | None = None,
+    *,
+    default_buffer_size: int | None = None,
+) -> Aggregator:
+    """Build the registered rule ``name`` from strategy keywords.
+
+    Parameters
+    ----------
+    name : str
+        A registered rule or alias.
+    keywords : Mapping[str, Any], optional (default: None)
+        Settings by strategy keyword: shared ones plain (``server_lr``), the
+        rule's own prefixed (``fadas_tau_c``); missing ones take the rule's
+        defaults.
+    default_buffer_size : int, optional (default: None)
+        ``buffer_size`` of a buffered rule when ``keywords`` has none (the
+        strategy passes its concurrency).
+
+    Raises
+    ------
+    ValueError
+        On an unknown rule, a keyword the rule has no setting for (naming the
+        rule it belongs to, if any), or an invalid value (naming the keyword).
+    """
+    cls = rule_class(name)
+    fields = rule_keywords(name)
+    keywords = dict(keywords or {})
+    for keyword in keywords:
+        if keyword not in fields:
+            owners = [r for r in AGGREGATORS if keyword in rule_keywords(r)]
+            hint = f" (a setting of {', '.join(owners)})" if owners else ""
+            raise ValueError(
+                f"{keyword} is not a setting of aggregation '{cls.name}'{hint}; its "
+                f"settings: {', '.join(fields)}"
+            )
+    values = {fields[k]: v for k, v in keywords.items()}
+    if (
+        "buffer_size" in fields.values()
+        and "buffer_size" not in values
+        and default_buffer_size is not None
+    ):
+        values["buffer_size"] = default_buffer_size
+    try:
+        return cls(**values)
+    except SettingError as err:
+        keyword = setting_keyword(cls.name, err.field)
+        raise ValueError(err.message(keyword)) from None
 
 
 __all__ = [
@@ -37,12 +105,22 @@ __all__ = [
     "ALIASES",
     "CA2FL",
     "FADAS",
+    "SHARED_SETTINGS",
     "Aggregator",
-    "AggregatorSettings",
+    "BufferSettings",
     "BufferedAggregator",
+    "CA2FLSettings",
+    "FADASSettings",
     "FedAsync",
+    "FedAsyncSettings",
     "FedBuff",
+    "FedBuffSettings",
+    "RuleSettings",
+    "StalenessSettings",
     "Update",
     "aggregation_names",
     "make_aggregator",
+    "rule_class",
+    "rule_keywords",
+    "setting_keyword",
 ]

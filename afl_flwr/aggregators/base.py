@@ -8,19 +8,53 @@ strategy's event loop (:mod:`afl_flwr.strategy`) is written once and calls it:
 1. ``add(update)`` for every admitted update; ``True`` means a merge is due;
 2. ``merge(current)`` returns the next global model and empties the buffer.
 
-A new rule is one module defining an :class:`Aggregator` subclass, registered
-with ``@AGGREGATORS.register("name")``; ``StalenessAwareAsyncStrategy(
-aggregation="name")`` then uses it, or a caller passes an instance directly.
+A rule's settings are one frozen dataclass (:class:`RuleSettings`) in the rule's
+module: the strategy accepts them as keywords and the run config as kebab-case
+keys (:func:`setting_keyword`), both validated by the dataclass. Settings shared
+by several rules (:data:`SHARED_SETTINGS`) keep their plain names
+(``buffer_size``, ``server_lr``); the others carry the rule's name
+(``fadas_tau_c``, run-config key ``fadas-tau-c``).
+
+State arrays (:mod:`afl_flwr.model_state`: BatchNorm statistics, counters) are
+never stepped: :class:`BufferedAggregator` merges them as the example-weighted
+average of the buffer's client values, and a rule's :meth:`BufferedAggregator.step`
+sees only the weights.
+
+A new rule is one module defining an :class:`Aggregator` subclass and its
+``Settings``, registered with ``@AGGREGATORS.register("name")``;
+``StalenessAwareAsyncStrategy(aggregation="name")`` then uses it, or a caller
+passes an instance directly.
 """
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
 from afl_flwr.aggregation import Params
+from afl_flwr.model_state import average_state, default_is_state
 from afl_flwr.registry import Registry
-from afl_flwr.staleness import StalenessFn, polynomial
+from afl_flwr.settings import SettingError, setting
+from afl_flwr.staleness import (
+    STALENESS_FUNCTIONS,
+    StalenessFn,
+    describe,
+    make_staleness_fn,
+    parameter_defaults,
+)
+
+# Settings several rules read, under the same keyword for all of them.
+SHARED_SETTINGS = (
+    "buffer_size",
+    "server_lr",
+    "mixing_rate",
+    "staleness_fn",
+    "staleness_a",
+    "staleness_b",
+)
 
 
 @dataclass(frozen=True)
@@ -56,42 +90,171 @@ class Update:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AggregatorSettings:
-    """The strategy's keyword arguments an aggregator may read.
+class RuleSettings:
+    """Base of a rule's settings: a frozen dataclass, each field a :func:`setting`.
 
-    Parameters
-    ----------
-    buffer_size : int (default: 5)
-        Updates per buffered merge ``K``.
-    server_lr : float (default: 1.0)
-        Server learning rate ``eta_g``.
-    mixing_rate : float (default: 0.5)
-        FedAsync's mixing weight ``a``.
-    staleness_fn : StalenessFn (default: polynomial with a = 0.5)
-        ``tau -> s(tau)``.
+    Subclasses add fields and override :meth:`validate`, raising
+    :class:`~afl_flwr.settings.SettingError` with the field's name.
     """
 
-    buffer_size: int = 5
-    server_lr: float = 1.0
-    mixing_rate: float = 0.5
-    staleness_fn: StalenessFn = polynomial
+    def validate(self) -> None:
+        """Check every value (the base has none)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StalenessSettings(RuleSettings):
+    """The staleness function ``s(tau)`` a rule applies (:mod:`afl_flwr.staleness`)."""
+
+    staleness_fn: str | StalenessFn = setting(
+        "polynomial",
+        "staleness function s(tau): constant, polynomial, hinge, exponential, "
+        "inverse (or, from Python, any callable tau -> s(tau) in [0, 1])",
+    )
+    staleness_a: float | None = setting(
+        None, "parameter a of the staleness function; unset: the function's default"
+    )
+    staleness_b: float | None = setting(
+        None, "parameter b of the staleness function; unset: the function's default"
+    )
+
+    def validate(self) -> None:
+        """Known function; parameters it uses, ``>= 0``."""
+        super().validate()
+        if callable(self.staleness_fn):
+            for name in ("a", "b"):
+                if getattr(self, f"staleness_{name}") is not None:
+                    raise SettingError(
+                        f"staleness_{name}",
+                        getattr(self, f"staleness_{name}"),
+                        "applies to a named staleness function, not a callable",
+                    )
+            return
+        if self.staleness_fn not in STALENESS_FUNCTIONS:
+            raise SettingError(
+                "staleness_fn",
+                self.staleness_fn,
+                f"is not allowed; allowed: {', '.join(sorted(STALENESS_FUNCTIONS))}",
+            )
+        uses = parameter_defaults(self.staleness_fn)
+        for name in ("a", "b"):
+            value = getattr(self, f"staleness_{name}")
+            if value is None:
+                continue
+            if name not in uses:
+                raise SettingError(
+                    f"staleness_{name}",
+                    value,
+                    f"is not a parameter of staleness function '{self.staleness_fn}' "
+                    f"(it uses {', '.join(uses) or 'none'})",
+                )
+            if not value >= 0:
+                raise SettingError(f"staleness_{name}", value, "must be >= 0")
+
+    def make_staleness_fn(self) -> StalenessFn:
+        """``tau -> s(tau)`` with these parameters."""
+        if callable(self.staleness_fn):
+            return self.staleness_fn
+        return make_staleness_fn(self.staleness_fn, self.staleness_a, self.staleness_b)
+
+    def describe_staleness(self) -> str:
+        """``polynomial(a=0.5)``: the function and the parameters in effect."""
+        if callable(self.staleness_fn):
+            return getattr(self.staleness_fn, "__name__", repr(self.staleness_fn))
+        return describe(self.staleness_fn, self.staleness_a, self.staleness_b)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BufferSettings(RuleSettings):
+    """The buffer size of a buffered rule."""
+
+    buffer_size: int = setting(
+        5, "K, updates per buffered merge (the strategy's default: concurrency)"
+    )
+
+    def validate(self) -> None:
+        """``K >= 1``."""
+        super().validate()
+        if isinstance(self.buffer_size, bool) or not (
+            isinstance(self.buffer_size, int) and self.buffer_size >= 1
+        ):
+            raise SettingError(
+                "buffer_size", self.buffer_size, "must be an integer >= 1 (K)"
+            )
+
+
+def positive(name: str, value: float) -> None:
+    """Raise :class:`SettingError` unless ``value > 0``."""
+    if isinstance(value, bool) or not value > 0:
+        raise SettingError(name, value, "must be > 0")
+
+
+def setting_keyword(rule: str, name: str) -> str:
+    """The strategy keyword of a rule's setting: shared ones plain, others prefixed.
+
+    ``setting_keyword("fadas", "tau_c") == "fadas_tau_c"``;
+    ``setting_keyword("fadas", "server_lr") == "server_lr"``.
+    """
+    return name if name in SHARED_SETTINGS else f"{rule.replace('-', '_')}_{name}"
 
 
 class Aggregator(ABC):
     """Base class of asynchronous aggregation rules.
 
-    Subclasses implement :meth:`add`, :meth:`merge` and, when they keep state
-    across merges, :meth:`state` / :meth:`load_state`. ``needs_base`` says
-    whether updates must carry the model they started from (delta-based rules).
+    Subclasses set ``name``, ``Settings`` (their :class:`RuleSettings`
+    dataclass) and implement :meth:`weight`, :meth:`add`, :meth:`merge` and,
+    when they keep state across merges, :meth:`state` / :meth:`load_state`.
+    ``needs_base`` says whether updates must carry the model they started from
+    (delta-based rules).
+
+    Parameters
+    ----------
+    settings : RuleSettings, optional (default: None)
+        The rule's settings; ``None`` means its defaults.
+    **overrides
+        Individual settings by field name, applied over ``settings``.
     """
 
     name: ClassVar[str] = ""
     needs_base: ClassVar[bool] = True
+    Settings: ClassVar[type[RuleSettings]] = RuleSettings
+
+    def __init__(self, settings: RuleSettings | None = None, **overrides: Any) -> None:
+        base = self.Settings() if settings is None else settings
+        if not isinstance(base, self.Settings):
+            raise TypeError(
+                f"{type(self).__name__} takes {self.Settings.__name__}, got "
+                f"{type(base).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(base)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} has no setting {unknown[0]!r}; its settings: "
+                f"{', '.join(sorted(known))}"
+            )
+        self.settings = dataclasses.replace(base, **overrides)
+        self.settings.validate()
+        self._state_names: frozenset[str] | None = None
+
+    @property
+    def updates_per_merge(self) -> int:
+        """Admitted updates per new version (1 for immediate rules)."""
+        return 1
 
     @classmethod
-    def from_settings(cls, settings: AggregatorSettings) -> "Aggregator":
-        """Build the rule from the strategy's settings (override to read more)."""
-        return cls()
+    def setting_fields(cls) -> list[dataclasses.Field]:
+        """The fields of the rule's settings, in declaration order."""
+        return list(dataclasses.fields(cls.Settings))
+
+    def bind_state(self, names: Collection[str]) -> None:
+        """Which arrays of the model are state (told once per run by the strategy)."""
+        self._state_names = frozenset(names)
+
+    def state_names_of(self, current: Mapping[str, np.ndarray]) -> frozenset[str]:
+        """The state arrays of ``current``: as bound, else the default rule."""
+        if self._state_names is not None:
+            return self._state_names
+        return frozenset(n for n, x in current.items() if default_is_state(n, x))
 
     @abstractmethod
     def weight(self, update: Update) -> float:
@@ -105,8 +268,8 @@ class Aggregator(ABC):
     def merge(self, current: Params) -> Params:
         """Merge what is pending into ``current`` and return the next global model.
 
-        Empties the buffer. ``current`` must not be modified unless
-        ``needs_base`` is ``False`` (nothing else then refers to it).
+        Empties the buffer. Never writes ``current`` or any update's arrays: they
+        may be read-only views of Flower's records, or bases still in use.
         """
 
     def pending(self) -> Sequence[Update]:
@@ -134,33 +297,48 @@ class Aggregator(ABC):
         return None
 
     def summary(self) -> str:
-        """One line for the start-up log."""
-        return self.name or type(self).__name__
+        """One line for the start-up log: the name and every setting in effect."""
+        values = ", ".join(
+            f"{f.name}={getattr(self.settings, f.name)}"
+            for f in dataclasses.fields(self.settings)
+            if not f.name.startswith("staleness_")
+        )
+        staleness = (
+            f", s(tau)={self.settings.describe_staleness()}"
+            if isinstance(self.settings, StalenessSettings)
+            else ""
+        )
+        return f"{self.name or type(self).__name__} ({values}{staleness})"
 
 
 class BufferedAggregator(Aggregator):
     """Common part of rules that merge every ``K`` updates (FedBuff and its kin).
 
-    Parameters
-    ----------
-    buffer_size : int (default: 5)
-        ``K``, updates per merge (``>= 1``).
-    staleness_fn : StalenessFn (default: polynomial with a = 0.5)
-        ``tau -> s(tau)``.
+    :meth:`merge` is written once: it takes the buffer, lets the rule's
+    :meth:`step` compute the new weights from the weights alone, and sets every
+    state array to the example-weighted average of the buffered clients' values.
+    The rule's settings must include :class:`BufferSettings`.
     """
 
-    def __init__(
-        self, *, buffer_size: int = 5, staleness_fn: StalenessFn = polynomial
-    ) -> None:
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size={buffer_size} must be >= 1 (K)")
-        self.buffer_size = buffer_size
-        self.staleness_fn = staleness_fn
+    Settings: ClassVar[type[RuleSettings]] = BufferSettings
+
+    def __init__(self, settings: RuleSettings | None = None, **overrides: Any) -> None:
+        super().__init__(settings, **overrides)
         self._buffer: list[Update] = []
 
+    @property
+    def buffer_size(self) -> int:
+        """``K``."""
+        return int(self.settings.buffer_size)  # type: ignore[attr-defined]
+
+    @property
+    def updates_per_merge(self) -> int:
+        """``K``."""
+        return self.buffer_size
+
     def weight(self, update: Update) -> float:
-        """``n_i s(tau_i)``."""
-        return update.num_examples * self.staleness_fn(update.staleness)
+        """``n_i`` (rules with a staleness penalty multiply by ``s(tau_i)``)."""
+        return update.num_examples
 
     def add(self, update: Update) -> bool:
         """Buffer the update; a merge is due once ``K`` are in."""
@@ -184,13 +362,29 @@ class BufferedAggregator(Aggregator):
             raise ValueError("merge() called with an empty buffer")
         return self.discard_pending()
 
-    def scales(self, buffer: Sequence[Update]) -> list[float]:
-        """``s(tau_i)`` of each buffered update."""
-        return [self.staleness_fn(u.staleness) for u in buffer]
+    def merge(self, current: Params) -> Params:
+        """The rule's :meth:`step` on the weights; state arrays averaged."""
+        buffer = self.take_buffer()
+        state = self.state_names_of(current)
+        weights = {k: x for k, x in current.items() if k not in state}
+        new = self.step(weights, buffer) if weights else {}
+        new.update(
+            average_state(
+                current,
+                [u.params for u in buffer],
+                [u.num_examples for u in buffer],
+                state,
+            )
+        )
+        return {name: new[name] for name in current}
 
-    def summary(self) -> str:
-        """Name and K."""
-        return f"{self.name} (K={self.buffer_size})"
+    @abstractmethod
+    def step(self, weights: Params, buffer: Sequence[Update]) -> Params:
+        """The new value of every array of ``weights`` (the model's weights).
+
+        ``weights`` holds the current global weights (state arrays excluded);
+        each update's ``params`` and ``base`` hold the whole model.
+        """
 
 
 def bases_of(buffer: Sequence[Update]) -> list[Params]:

@@ -15,8 +15,9 @@ newest delta of each buffered client) and recomputes ``h_bar = (1/N) sum_i h_i``
 round (empty cache) is FedBuff with ``s = 1`` and equal weights.
 
 Like the paper, no staleness factor ``s(tau)`` and no example weights are
-applied: the calibration is what corrects stale, heterogeneous updates, and the
-strategy's ``staleness_fn`` is not read.
+applied to the weights: the calibration is what corrects stale, heterogeneous
+updates, so the rule has no staleness setting (passing ``staleness_fn`` with
+``aggregation="ca2fl"`` is an error).
 
 Memory. The cache is one delta per client. Deltas are stored in ``float16`` by
 default, each array scaled by its largest magnitude (so neither overflow nor
@@ -32,12 +33,15 @@ random deltas (``tests/test_ca2fl_fadas.py``), ``1.4e-4`` after 200, the same at
 delta scales ``1`` and ``1e-6``; unscaled float16 would be off by ~10% at
 ``1e-6`` (float16's subnormal range).
 
-Integer arrays (batch norm's ``num_batches_tracked``) are neither cached nor
-calibrated: they move by the rounded plain mean delta,
-``x <- rint(x + eta (1/M) sum_j Delta_j)``, as FedBuff treats them.
+State arrays (BatchNorm statistics and counters, :mod:`afl_flwr.model_state`)
+are neither cached nor calibrated: they take the example-weighted average of the
+buffered clients' values (:class:`~afl_flwr.aggregators.base.BufferedAggregator`).
+A non-floating array declared a weight moves by the rounded plain mean delta,
+``x <- rint(x + eta (1/M) sum_j Delta_j)``.
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,12 +49,13 @@ import numpy as np
 from afl_flwr.aggregation import Params
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
-    AggregatorSettings,
     BufferedAggregator,
+    BufferSettings,
     Update,
     bases_of,
+    positive,
 )
-from afl_flwr.staleness import constant
+from afl_flwr.settings import SettingError, setting
 
 CACHE_DTYPES = ("float16", "float32")
 SUM_GROUP = "ca2fl-sum"
@@ -89,51 +94,55 @@ def _work_dtype(x: np.ndarray) -> np.dtype:
     return np.promote_types(x.dtype, np.float32)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CA2FLSettings(BufferSettings):
+    """CA2FL's settings: ``M = K``, ``eta`` and the cache's storage."""
+
+    server_lr: float = setting(1.0, "eta, the server learning rate")
+    cache_dtype: str = setting(
+        "float16",
+        "storage of the cached deltas: float16 (scaled per array) or float32",
+    )
+
+    def validate(self) -> None:
+        """``eta > 0``; a known cache dtype."""
+        super().validate()
+        positive("server_lr", self.server_lr)
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise SettingError(
+                "cache_dtype",
+                self.cache_dtype,
+                f"is not allowed; allowed: {', '.join(CACHE_DTYPES)}",
+            )
+
+
 @AGGREGATORS.register("ca2fl")
 class CA2FL(BufferedAggregator):
     """``x <- x + eta (h_bar + (1/M) sum_j (Delta_j - h_j))``, cache refreshed after.
 
     Parameters
     ----------
-    buffer_size : int (default: 5)
-        ``M = K``, updates per merge.
-    server_lr : float (default: 1.0)
-        ``eta``.
-    cache_dtype : str (default: "float16")
-        Storage of the cached deltas, ``"float16"`` (scaled per array) or
-        ``"float32"``.
+    settings : CA2FLSettings, optional (default: None)
+        ``buffer_size`` (``M = K``, default 5), ``server_lr`` (``eta``, default
+        1.0) and ``cache_dtype`` (``"float16"``, scaled per array, or
+        ``"float32"``); also accepted as keywords.
     """
 
     name = "ca2fl"
+    Settings = CA2FLSettings
+    settings: CA2FLSettings
 
-    def __init__(
-        self,
-        *,
-        buffer_size: int = 5,
-        server_lr: float = 1.0,
-        cache_dtype: str = "float16",
-    ) -> None:
-        super().__init__(buffer_size=buffer_size, staleness_fn=constant)
-        if not server_lr > 0:
-            raise ValueError(f"server_lr={server_lr} must be > 0 (eta)")
-        if cache_dtype not in CACHE_DTYPES:
-            raise ValueError(
-                f"cache_dtype={cache_dtype!r}; allowed: {', '.join(CACHE_DTYPES)}"
-            )
-        self.server_lr = server_lr
-        self.cache_dtype = cache_dtype
-        self._dtype = np.dtype(cache_dtype)
+    def __init__(self, settings: CA2FLSettings | None = None, **overrides: Any) -> None:
+        super().__init__(settings, **overrides)
+        self.server_lr = self.settings.server_lr
+        self.cache_dtype = self.settings.cache_dtype
+        self._dtype = np.dtype(self.cache_dtype)
         self._cache: dict[int, Params] = {}
         self._scales: dict[int, np.ndarray] = {}
         self._sum: Params = {}
         self._names: list[str] = []
         self._population = 0
         self._mean_over = 0
-
-    @classmethod
-    def from_settings(cls, settings: AggregatorSettings) -> "CA2FL":
-        """M and eta from the strategy (its staleness function is not used)."""
-        return cls(buffer_size=settings.buffer_size, server_lr=settings.server_lr)
 
     def weight(self, update: Update) -> float:
         """1: every buffered update counts equally, whatever ``n_i`` and ``tau``."""
@@ -166,19 +175,19 @@ class CA2FL(BufferedAggregator):
         scale = float(self._scales[client][index])
         return dequantise(self._cache[client][name], scale, dtype)
 
-    def _start(self, current: Mapping[str, np.ndarray]) -> None:
+    def _start(self, weights: Mapping[str, np.ndarray]) -> None:
         """Fix the cached array names and allocate ``sum_i h_i`` at the first merge."""
         if self._names:
             return
-        self._names = [n for n, x in current.items() if x.dtype.kind == "f"]
+        self._names = [n for n, x in weights.items() if x.dtype.kind == "f"]
         self._sum = {
-            n: np.zeros(current[n].shape, _work_dtype(current[n])) for n in self._names
+            n: np.zeros(weights[n].shape, _work_dtype(weights[n])) for n in self._names
         }
 
-    def merge(self, current: Params) -> Params:
+    def step(self, weights: Params, buffer: Sequence[Update]) -> Params:
         """Apply the calibrated buffer mean, then refresh the cache and ``h_bar``."""
-        buffer = self.take_buffer()
         bases = bases_of(buffer)
+        current = weights
         self._start(current)
         inv_m = 1.0 / len(buffer)
         inv_n = 1.0 / self._mean_over if self._mean_over else 0.0
@@ -226,13 +235,6 @@ class CA2FL(BufferedAggregator):
             self._cache[client] = entry
             self._scales[client] = scales[client]
         self._mean_over = max(self._population, len(self._cache))
-
-    def summary(self) -> str:
-        """Name, M, eta and the cache's storage."""
-        return (
-            f"ca2fl (M={self.buffer_size}, server lr {self.server_lr}, "
-            f"{self.cache_dtype} cache, no staleness factor)"
-        )
 
     def state(self) -> tuple[dict[str, Params], dict[str, Any]]:
         """The cache (one group per client), its scales and ``sum_i h_i``."""

@@ -15,44 +15,48 @@ corrected square root) are the official code's; the paper's form,
 size ``eta_t`` adapts to the buffer's largest staleness ``tau_max``:
 ``eta_t = eta`` when ``tau_max <= tau_c``, else
 
-* ``delay_rule="paper"`` (default): ``min(eta, 1 / tau_max)``, the paper's rule;
-  it only bites when ``tau_max > 1 / eta`` (1000 versions at ``eta = 1e-3``);
-* ``delay_rule="code"``: ``eta / tau_max``, what the official code runs (and
-  so what its experiments measured);
+* ``delay_rule="code"`` (default): ``eta / tau_max``, what the official code
+  runs (``lr_lambda = 1/max(delay)`` times ``args.lr``), so what its
+  experiments measured; it acts at every ``tau_max > tau_c``;
+* ``delay_rule="paper"``: ``min(eta, 1 / tau_max)``, the paper's rule. It only
+  acts when ``tau_max > 1 / eta``: 1000 versions at the official ``eta =
+  1e-3``, far beyond any staleness a run admits (the app drops updates staler
+  than ``max-staleness = 20``), which is why it is not the default;
 * ``delay_rule="none"``: always ``eta`` (FADAS without delay adaptation).
 
 ``Delta`` is the unweighted buffer mean, as in the paper and code
 (``weighted=True`` weighs by example counts ``n_j / sum n`` instead); no
-staleness factor ``s(tau)`` is applied, so the strategy's ``staleness_fn`` is
-not read. Integer arrays (batch norm's ``num_batches_tracked``) take no Adam
-step: like the official code, they are set to the (rounded) buffer average of
-the clients' values.
+staleness factor ``s(tau)`` is applied, so the rule has no staleness setting.
+State arrays (BatchNorm statistics, counters) take no Adam step: like the
+official code, which loads the clients' average state dict and then steps only
+``model.parameters()``, they are set to the buffered clients' average (here
+example-weighted, as every rule does;
+:class:`~afl_flwr.aggregators.base.BufferedAggregator`).
 
-Learning rate. ``AggregatorSettings.server_lr`` defaults to 1.0, right for
-FedBuff's plain step but far too large for an Adam-type step (about ``eta`` per
-coordinate). :meth:`FADAS.from_settings` therefore uses :data:`DEFAULT_ETA`
-(1e-3, the official README's delay-adaptive setting) when the strategy's
-``server_lr`` is the default 1.0, and ``server_lr`` otherwise; to run FADAS at
-``eta = 1.0``, pass an instance.
+Learning rate. ``eta`` (the strategy's ``server_lr``) defaults to 1e-3, the
+official README's delay-adaptive setting for ResNet on CIFAR-10; an Adam-type
+step moves every coordinate by about ``eta`` per merge, so FedBuff's 1.0 would
+be far too large.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from afl_flwr.aggregation import Params
+from afl_flwr.aggregation import Params, weighted_delta
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
-    AggregatorSettings,
     BufferedAggregator,
+    BufferSettings,
     Update,
     bases_of,
+    positive,
 )
-from afl_flwr.staleness import constant
+from afl_flwr.settings import SettingError, setting
 
-DEFAULT_ETA = 1e-3
-DELAY_RULES = ("paper", "code", "none")
+DELAY_RULES = ("code", "paper", "none")
 MOMENT_GROUPS = ("fadas-m", "fadas-v", "fadas-vhat")
 
 
@@ -65,81 +69,80 @@ def delay_adaptive_lr(eta: float, tau_max: int, tau_c: int, rule: str) -> float:
     return eta / tau_max
 
 
+@dataclass(frozen=True, kw_only=True)
+class FADASSettings(BufferSettings):
+    """FADAS's settings: ``M = K``, ``eta``, AMSGrad's constants, the delay rule."""
+
+    server_lr: float = setting(1e-3, "eta, the server (AMSGrad) learning rate")
+    beta1: float = setting(0.9, "first-moment decay b1, in [0, 1)")
+    beta2: float = setting(0.99, "second-moment decay b2, in [0, 1)")
+    eps: float = setting(1e-8, "eps > 0 added to the denominator")
+    tau_c: int = setting(1, "staleness up to which the step is not reduced")
+    delay_rule: str = setting(
+        "code",
+        "eta_t when tau_max > tau_c: code (eta/tau_max), paper (min(eta, 1/tau_max))"
+        " or none",
+    )
+    bias_correction: bool = setting(
+        True, "Adam's bias corrections, as the official code"
+    )
+    weighted: bool = setting(
+        False, "weigh the buffer's mean delta by example counts instead of 1/M"
+    )
+
+    def validate(self) -> None:
+        """Ranges of every constant; a known delay rule."""
+        super().validate()
+        positive("server_lr", self.server_lr)
+        for name in ("beta1", "beta2"):
+            beta = getattr(self, name)
+            if isinstance(beta, bool) or not 0 <= beta < 1:
+                raise SettingError(name, beta, "must be in [0, 1)")
+        positive("eps", self.eps)
+        if isinstance(self.tau_c, bool) or not (
+            isinstance(self.tau_c, int) and self.tau_c >= 0
+        ):
+            raise SettingError("tau_c", self.tau_c, "must be an integer >= 0")
+        if self.delay_rule not in DELAY_RULES:
+            raise SettingError(
+                "delay_rule",
+                self.delay_rule,
+                f"is not allowed; allowed: {', '.join(DELAY_RULES)}",
+            )
+
+
 @AGGREGATORS.register("fadas")
 class FADAS(BufferedAggregator):
     """AMSGrad on the buffer's mean delta with a delay-adaptive step size.
 
     Parameters
     ----------
-    buffer_size : int (default: 5)
-        ``M = K``, updates per merge.
-    eta : float (default: 1e-3)
-        Server learning rate ``eta``.
-    beta1 : float (default: 0.9)
-        First-moment decay ``b1`` in ``[0, 1)``.
-    beta2 : float (default: 0.99)
-        Second-moment decay ``b2`` in ``[0, 1)``.
-    eps : float (default: 1e-8)
-        ``eps > 0`` added to the denominator.
-    tau_c : int (default: 1)
-        Staleness up to which the step is not reduced.
-    delay_rule : str (default: "paper")
-        ``"paper"`` (``min(eta, 1/tau_max)``), ``"code"`` (``eta/tau_max``) or
-        ``"none"``.
-    bias_correction : bool (default: True)
-        Adam's bias corrections, as the official code.
-    weighted : bool (default: False)
-        Weigh the buffer mean by example counts instead of ``1/M``.
+    settings : FADASSettings, optional (default: None)
+        ``buffer_size`` (``M``, default 5), ``server_lr`` (``eta``, default
+        1e-3), ``beta1`` (0.9), ``beta2`` (0.99), ``eps`` (1e-8), ``tau_c`` (1),
+        ``delay_rule`` (``"code"``), ``bias_correction`` (True), ``weighted``
+        (False); also accepted as keywords.
     """
 
     name = "fadas"
+    Settings = FADASSettings
+    settings: FADASSettings
 
-    # pylint: disable=too-many-arguments
-    def __init__(
-        self,
-        *,
-        buffer_size: int = 5,
-        eta: float = DEFAULT_ETA,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        eps: float = 1e-8,
-        tau_c: int = 1,
-        delay_rule: str = "paper",
-        bias_correction: bool = True,
-        weighted: bool = False,
-    ) -> None:
-        super().__init__(buffer_size=buffer_size, staleness_fn=constant)
-        if not eta > 0:
-            raise ValueError(f"eta={eta} must be > 0")
-        for label, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0 <= beta < 1:
-                raise ValueError(f"{label}={beta} must be in [0, 1)")
-        if not eps > 0:
-            raise ValueError(f"eps={eps} must be > 0")
-        if tau_c < 0:
-            raise ValueError(f"tau_c={tau_c} must be >= 0")
-        if delay_rule not in DELAY_RULES:
-            raise ValueError(
-                f"delay_rule={delay_rule!r}; allowed: {', '.join(DELAY_RULES)}"
-            )
-        self.eta = eta
-        self.beta1 = beta1
-        self.beta2 = beta2
-        self.eps = eps
-        self.tau_c = tau_c
-        self.delay_rule = delay_rule
-        self.bias_correction = bias_correction
-        self.weighted = weighted
+    def __init__(self, settings: FADASSettings | None = None, **overrides: Any) -> None:
+        super().__init__(settings, **overrides)
+        config = self.settings
+        self.eta = config.server_lr
+        self.beta1 = config.beta1
+        self.beta2 = config.beta2
+        self.eps = config.eps
+        self.tau_c = config.tau_c
+        self.delay_rule = config.delay_rule
+        self.bias_correction = config.bias_correction
+        self.weighted = config.weighted
         self.t = 0
         self._m: Params = {}
         self._v: Params = {}
         self._vhat: Params = {}
-
-    @classmethod
-    def from_settings(cls, settings: AggregatorSettings) -> "FADAS":
-        """M from the strategy; ``eta = server_lr`` unless that is the default 1.0."""
-        eta = DEFAULT_ETA if settings.server_lr == 1.0 else settings.server_lr
-        return cls(buffer_size=settings.buffer_size, eta=eta)
 
     def weight(self, update: Update) -> float:
         """``n_j`` when ``weighted``, else 1 (the buffer mean is unweighted)."""
@@ -149,10 +152,8 @@ class FADAS(BufferedAggregator):
         """``m``, ``v`` and ``v_hat`` (the arrays themselves; empty before a merge)."""
         return self._m, self._v, self._vhat
 
-    def merge(self, current: Params) -> Params:
+    def step(self, weights: Params, buffer: Sequence[Update]) -> Params:
         """One AMSGrad step on the buffer's mean delta."""
-        buffer = self.take_buffer()
-        bases = bases_of(buffer)
         if self.weighted:
             total = float(sum(u.num_examples for u in buffer))
             factors = [u.num_examples / total for u in buffer]
@@ -167,21 +168,21 @@ class FADAS(BufferedAggregator):
             denom_scale = 1.0 / np.sqrt(1.0 - self.beta2**self.t)
         else:
             step_size, denom_scale = eta_t, 1.0
+        floats = [n for n, x in weights.items() if x.dtype.kind == "f"]
+        deltas = weighted_delta(
+            [u.params for u in buffer], bases_of(buffer), factors, floats
+        )
         new: Params = {}
-        for name, x in current.items():
-            if x.dtype.kind != "f":
+        for name, x in weights.items():
+            if name not in deltas:  # a non-floating weight: the clients' mean
                 mean = sum(
                     f * np.asarray(u.params[name], np.float64)
                     for u, f in zip(buffer, factors, strict=True)
                 )
                 new[name] = np.asarray(np.rint(mean)).astype(x.dtype)
                 continue
-            work = np.promote_types(x.dtype, np.float32)
-            delta = np.zeros(x.shape, work)
-            for update, base, f in zip(buffer, bases, factors, strict=True):
-                delta += work.type(f) * (
-                    np.asarray(update.params[name], work) - np.asarray(base[name], work)
-                )
+            delta = deltas[name]
+            work = delta.dtype
             m, v, vhat = self._moments_of(name, x.shape, work)
             m *= work.type(self.beta1)
             m += work.type(1.0 - self.beta1) * delta
@@ -206,15 +207,6 @@ class FADAS(BufferedAggregator):
             self._v[name] = np.zeros(shape, dtype)
             self._vhat[name] = np.zeros(shape, dtype)
         return self._m[name], self._v[name], self._vhat[name]
-
-    def summary(self) -> str:
-        """Name, M, eta and the delay rule."""
-        return (
-            f"fadas (M={self.buffer_size}, eta {self.eta}, betas "
-            f"({self.beta1}, {self.beta2}), eps {self.eps}, delay rule "
-            f"{self.delay_rule} with tau_c={self.tau_c}, bias correction "
-            f"{'on' if self.bias_correction else 'off'})"
-        )
 
     def state(self) -> tuple[dict[str, Params], dict[str, Any]]:
         """``m``, ``v``, ``v_hat`` as three groups, and the step count ``t``."""

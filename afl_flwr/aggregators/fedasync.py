@@ -2,17 +2,34 @@
 
 Xie et al., "Asynchronous Federated Optimization", 2019, Algorithm 1 with the
 staleness-adaptive mixing weight of Sec. 5.2: ``x <- (1 - a s(tau)) x + a s(tau)
-x_i``.
+x_i``. The mixing is a convex combination, so it applies to state arrays
+(BatchNorm statistics, counters) as well: they stay valid statistics.
 """
+
+from dataclasses import dataclass
+from typing import Any
 
 from afl_flwr.aggregation import Params, mix_immediate
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
     Aggregator,
-    AggregatorSettings,
+    StalenessSettings,
     Update,
 )
-from afl_flwr.staleness import StalenessFn, polynomial
+from afl_flwr.settings import SettingError, setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAsyncSettings(StalenessSettings):
+    """FedAsync's settings: the mixing weight ``a`` and ``s(tau)``."""
+
+    mixing_rate: float = setting(0.5, "a of FedAsync's mixing, in (0, 1]")
+
+    def validate(self) -> None:
+        """``0 < a <= 1``, plus the staleness checks."""
+        super().validate()
+        if isinstance(self.mixing_rate, bool) or not 0 < self.mixing_rate <= 1:
+            raise SettingError("mixing_rate", self.mixing_rate, "must be in (0, 1]")
 
 
 @AGGREGATORS.register("fedasync")
@@ -21,28 +38,28 @@ class FedAsync(Aggregator):
 
     Parameters
     ----------
-    mixing_rate : float (default: 0.5)
-        ``a`` in ``(0, 1]``.
-    staleness_fn : StalenessFn (default: polynomial with a = 0.5)
-        ``tau -> s(tau)``.
+    settings : FedAsyncSettings, optional (default: None)
+        ``mixing_rate`` (``a``, default 0.5) and ``staleness_fn`` /
+        ``staleness_a`` / ``staleness_b`` (default ``polynomial`` with
+        ``a = 0.5``); also accepted as keywords.
     """
 
     name = "fedasync"
     needs_base = False
+    Settings = FedAsyncSettings
+    settings: FedAsyncSettings
 
     def __init__(
-        self, *, mixing_rate: float = 0.5, staleness_fn: StalenessFn = polynomial
+        self, settings: FedAsyncSettings | None = None, **overrides: Any
     ) -> None:
-        if not 0 < mixing_rate <= 1:
-            raise ValueError(f"mixing_rate={mixing_rate} must be in (0, 1]")
-        self.mixing_rate = mixing_rate
-        self.staleness_fn = staleness_fn
+        super().__init__(settings, **overrides)
+        self.staleness_fn = self.settings.make_staleness_fn()
         self._next: Update | None = None
 
-    @classmethod
-    def from_settings(cls, settings: AggregatorSettings) -> "FedAsync":
-        """``a`` and s(tau) from the strategy."""
-        return cls(mixing_rate=settings.mixing_rate, staleness_fn=settings.staleness_fn)
+    @property
+    def mixing_rate(self) -> float:
+        """``a``."""
+        return self.settings.mixing_rate
 
     def weight(self, update: Update) -> float:
         """``a s(tau)``."""
@@ -54,13 +71,8 @@ class FedAsync(Aggregator):
         return True
 
     def merge(self, current: Params) -> Params:
-        """Mix the update into ``current`` in place and return it."""
+        """Mix the update into ``current``, as fresh arrays (``current`` is kept)."""
         if self._next is None:
             raise ValueError("merge() called without an update")
         update, self._next = self._next, None
-        mix_immediate(current, update.params, self.weight(update))
-        return current
-
-    def summary(self) -> str:
-        """Name and a."""
-        return f"fedasync (mixing rate a={self.mixing_rate})"
+        return mix_immediate(current, update.params, self.weight(update))

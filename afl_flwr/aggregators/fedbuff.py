@@ -5,19 +5,37 @@ AISTATS 2022, Algorithm 1: the server adds each client delta scaled by
 ``s(tau_i)`` to a buffer and, once ``K`` are in, applies ``eta_g`` times their
 average. The average here weighs clients by their example counts (FedAvg's
 ``n_i / sum n``, i.e. ``1/K`` for equal clients), so at zero staleness the merge
-is bit-identical to Flower's FedAvg.
+is bit-identical to Flower's FedAvg. The default ``s(tau) = 1/sqrt(1 + tau)`` is
+FLSim's polynomial staleness weight with exponent 0.5.
 """
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from afl_flwr.aggregation import Params, fedbuff_update
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
-    AggregatorSettings,
     BufferedAggregator,
+    BufferSettings,
+    StalenessSettings,
+    Update,
     bases_of,
+    positive,
 )
-from afl_flwr.staleness import StalenessFn, polynomial
+from afl_flwr.settings import setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedBuffSettings(StalenessSettings, BufferSettings):
+    """FedBuff's settings: ``K``, ``eta_g`` and ``s(tau)``."""
+
+    server_lr: float = setting(1.0, "eta_g, the server learning rate")
+
+    def validate(self) -> None:
+        """``eta_g > 0``, plus the buffer and staleness checks."""
+        super().validate()
+        positive("server_lr", self.server_lr)
 
 
 @AGGREGATORS.register("fedbuff")
@@ -26,53 +44,38 @@ class FedBuff(BufferedAggregator):
 
     Parameters
     ----------
-    buffer_size : int (default: 5)
-        ``K``, updates per merge.
-    server_lr : float (default: 1.0)
-        ``eta_g``.
-    staleness_fn : StalenessFn (default: polynomial with a = 0.5)
-        ``tau -> s(tau)``.
+    settings : FedBuffSettings, optional (default: None)
+        ``buffer_size`` (``K``, default 5), ``server_lr`` (``eta_g``, default
+        1.0), ``staleness_fn`` / ``staleness_a`` / ``staleness_b`` (default
+        ``polynomial`` with ``a = 0.5``); also accepted as keywords.
     """
 
     name = "fedbuff"
+    Settings = FedBuffSettings
+    settings: FedBuffSettings
 
     def __init__(
-        self,
-        *,
-        buffer_size: int = 5,
-        server_lr: float = 1.0,
-        staleness_fn: StalenessFn = polynomial,
+        self, settings: FedBuffSettings | None = None, **overrides: Any
     ) -> None:
-        super().__init__(buffer_size=buffer_size, staleness_fn=staleness_fn)
-        if not server_lr > 0:
-            raise ValueError(f"server_lr={server_lr} must be > 0 (eta_g)")
-        self.server_lr = server_lr
+        super().__init__(settings, **overrides)
+        self.staleness_fn = self.settings.make_staleness_fn()
 
-    @classmethod
-    def from_settings(cls, settings: AggregatorSettings) -> "FedBuff":
-        """K, eta_g and s(tau) from the strategy."""
-        return cls(
-            buffer_size=settings.buffer_size,
-            server_lr=settings.server_lr,
-            staleness_fn=settings.staleness_fn,
-        )
+    @property
+    def server_lr(self) -> float:
+        """``eta_g``."""
+        return self.settings.server_lr
 
-    def merge(self, current: Params) -> Params:
+    def weight(self, update: Update) -> float:
+        """``n_i s(tau_i)``."""
+        return update.num_examples * self.staleness_fn(update.staleness)
+
+    def step(self, weights: Params, buffer: Sequence[Update]) -> Params:
         """Apply the buffer's staleness-scaled, example-weighted mean delta."""
-        buffer = self.take_buffer()
         return fedbuff_update(
-            current,
+            weights,
             [u.params for u in buffer],
             bases_of(buffer),
             [u.num_examples for u in buffer],
-            self.scales(buffer),
+            [self.staleness_fn(u.staleness) for u in buffer],
             self.server_lr,
         )
-
-    def summary(self) -> str:
-        """Name, K and eta_g."""
-        return f"fedbuff (K={self.buffer_size}, server lr {self.server_lr})"
-
-    def state(self) -> tuple[dict[str, Params], dict[str, Any]]:
-        """Stateless between merges (the buffer is empty after each one)."""
-        return {}, {}

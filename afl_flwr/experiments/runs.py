@@ -2,7 +2,9 @@
 
 import csv
 import json
+import logging
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,18 @@ import numpy as np
 
 from afl_flwr.config import AppConfig
 from afl_flwr.results import TEST_ACC
+
+
+def quiet_worker(torch_threads: int = 1) -> None:
+    """Set up a benchmark's worker process: ``torch_threads`` threads, quiet logs.
+
+    Used as a ``ProcessPoolExecutor`` initializer, one run per worker at a time.
+    """
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 
 from afl_flwr.aggregation import Params, staleness
-from afl_flwr.aggregators import (
-    ALIASES,
-    Aggregator,
-    AggregatorSettings,
-    Update,
-    make_aggregator,
-)
+from afl_flwr.aggregators import ALIASES, Aggregator, Update, make_aggregator
 from afl_flwr.checkpoint import load_checkpoint, save_checkpoint
 from afl_flwr.clock import VirtualClock
 from afl_flwr.constants import BASE_VERSION, CLIENT_DELAY, SERVER_ROUND, TASK_SEED
@@ -46,13 +40,13 @@ from afl_flwr.history import (
     RunHistory,
     UpdateEvent,
 )
+from afl_flwr.model_state import StateKeys, state_names
 from afl_flwr.replies import (
     TrainReply,
     arrayrecord_to_params,
     model_spec,
 )
 from afl_flwr.selection import make_selector
-from afl_flwr.staleness import make_staleness_fn
 from afl_flwr.strategy.admission import Refusal, admit
 from afl_flwr.strategy.hooks import (
     CentralEvaluation,
@@ -101,8 +95,13 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
       bit for bit.
     * ``"fedasync"`` (alias ``"immediate"``): ``x <- (1 - a s(tau)) x + a s(tau)
       x_i`` per update (FedAsync, Xie et al. 2019).
-    * any registered name, or an :class:`~afl_flwr.aggregators.Aggregator`
-      instance.
+    * ``"ca2fl"`` (cached update calibration) and ``"fadas"`` (AMSGrad with a
+      delay-adaptive rate), or any registered name, or an
+      :class:`~afl_flwr.aggregators.Aggregator` instance.
+
+    State arrays (BatchNorm statistics, integer counters; see ``state_keys``)
+    are never stepped: every rule sets them to the example-weighted average of
+    the merged clients' values (FedAsync: its own mixing).
 
     Parameters
     ----------
@@ -110,20 +109,35 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         Nodes kept busy at once (the paper's "clients per round"). Above the
         number of connected nodes, every node is kept busy.
     aggregation : str or Aggregator (default: "fedbuff")
-        The aggregation rule, by registered name or as an instance.
+        The aggregation rule, by registered name or as an instance (whose own
+        settings then apply: passing rule settings too is an error).
     buffer_size : int, optional (default: None)
         Updates per buffered merge ``K``; ``None`` means ``concurrency``.
-    server_lr : float (default: 1.0)
-        Server learning rate ``eta_g`` of buffered rules.
-    mixing_rate : float (default: 0.5)
-        ``a`` of FedAsync, in ``(0, 1]``.
-    staleness_fn : str (default: "polynomial")
+    server_lr : float, optional (default: None)
+        Server learning rate of buffered rules; ``None`` means the rule's own
+        default (1.0 for fedbuff and ca2fl, 1e-3 for fadas).
+    mixing_rate : float, optional (default: None)
+        ``a`` of FedAsync, in ``(0, 1]``; ``None`` means 0.5.
+    staleness_fn : str, optional (default: None)
         One of ``constant``, ``polynomial``, ``hinge``, ``exponential``,
-        ``inverse`` (see :mod:`afl_flwr.staleness`).
-    staleness_a : float (default: 0.5)
-        Parameter ``a`` of the staleness function.
-    staleness_b : float (default: 4.0)
-        Parameter ``b`` of the staleness function.
+        ``inverse`` (see :mod:`afl_flwr.staleness`), for the rules that apply
+        one (fedbuff, fedasync); ``None`` means ``polynomial``.
+    staleness_a, staleness_b : float, optional (default: None)
+        Parameters of the staleness function; ``None`` means the function's own
+        default (polynomial ``a = 0.5``; hinge ``a = 10, b = 4``; exponential
+        ``b = 0.5``; inverse ``b = 0.05``).
+    **rule_settings
+        Settings of the chosen rule that only it has, prefixed by its name:
+        ``fadas_beta1``, ``fadas_beta2``, ``fadas_eps``, ``fadas_tau_c``,
+        ``fadas_delay_rule``, ``fadas_bias_correction``, ``fadas_weighted``,
+        ``ca2fl_cache_dtype`` (see each rule's ``Settings``).
+    state_keys : Collection[str] or callable, optional (default: None)
+        Which arrays are state, not weights: a collection of names, or a
+        predicate ``(name, array) -> bool``. ``None`` detects them
+        (:func:`~afl_flwr.model_state.default_is_state`: non-floating arrays
+        and ``*.running_mean``/``*.running_var``/``*.num_batches_tracked``);
+        :func:`~afl_flwr.model_state.torch_buffer_names` lists a torch model's
+        buffers exactly.
     max_staleness : int, optional (default: None)
         ``tau_max``; staler updates are dropped. ``None`` means unbounded.
     selection : str (default: "without-replacement")
@@ -188,11 +202,12 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         concurrency: int = 5,
         aggregation: str | Aggregator = "fedbuff",
         buffer_size: int | None = None,
-        server_lr: float = 1.0,
-        mixing_rate: float = 0.5,
-        staleness_fn: str = "polynomial",
-        staleness_a: float = 0.5,
-        staleness_b: float = 4.0,
+        server_lr: float | None = None,
+        mixing_rate: float | None = None,
+        staleness_fn: str | None = None,
+        staleness_a: float | None = None,
+        staleness_b: float | None = None,
+        state_keys: StateKeys | None = None,
         max_staleness: int | None = None,
         selection: str = "without-replacement",
         seed: int = 0,
@@ -213,15 +228,10 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         train_metrics_aggr_fn: MetricsAggrFn | None = None,
         evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
         poll_interval: float = 0.02,
+        **rule_settings: Any,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
-        if buffer_size is not None and buffer_size < 1:
-            raise ValueError(f"buffer_size={buffer_size} must be >= 1 (K)")
-        if not server_lr > 0:
-            raise ValueError(f"server_lr={server_lr} must be > 0 (eta_g)")
-        if not 0 < mixing_rate <= 1:
-            raise ValueError(f"mixing_rate={mixing_rate} must be in (0, 1]")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness={max_staleness} must be >= 0 (tau_max)")
         if eval_every < 1:
@@ -242,26 +252,29 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
                 f"max_consecutive_failures={max_consecutive_failures} must be >= 1"
             )
         self.concurrency = concurrency
-        self.buffer_size = buffer_size or concurrency
-        self.server_lr = server_lr
-        self.mixing_rate = mixing_rate
-        self.staleness_name = staleness_fn
-        self.staleness_fn = make_staleness_fn(staleness_fn, staleness_a, staleness_b)
-        self.staleness_a = staleness_a
-        self.staleness_b = staleness_b
+        shared = {
+            "buffer_size": buffer_size,
+            "server_lr": server_lr,
+            "mixing_rate": mixing_rate,
+            "staleness_fn": staleness_fn,
+            "staleness_a": staleness_a,
+            "staleness_b": staleness_b,
+        }
+        keywords = {k: v for k, v in shared.items() if v is not None} | rule_settings
         if isinstance(aggregation, Aggregator):
+            if keywords:
+                raise ValueError(
+                    f"aggregation is an {type(aggregation).__name__} instance, whose "
+                    f"own settings apply; do not also pass {sorted(keywords)} (set "
+                    "them on the instance)"
+                )
             self.aggregator = aggregation
         else:
             self.aggregator = make_aggregator(
-                aggregation,
-                AggregatorSettings(
-                    buffer_size=self.buffer_size,
-                    server_lr=server_lr,
-                    mixing_rate=mixing_rate,
-                    staleness_fn=self.staleness_fn,
-                ),
+                aggregation, keywords, default_buffer_size=concurrency
             )
         self.aggregation = self.aggregator.name or type(self.aggregator).__name__
+        self.state_keys = state_keys
         self.max_staleness = max_staleness
         self.selection = selection
         self.selector = make_selector(selection, seed)
@@ -301,6 +314,11 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         self._sync_population = 0
         self._warned_sync = False
         self._events_pending: list[tuple[UpdateEvent, TrainReply]] = []
+
+    @property
+    def buffer_size(self) -> int:
+        """Updates per version: ``K`` of a buffered rule, 1 for FedAsync."""
+        return self.aggregator.updates_per_merge
 
     @property
     def history(self) -> RunHistory:
@@ -376,14 +394,7 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> Asynchronous aggregation: %s", self.aggregator.summary())
-        log(
-            INFO,
-            "\t├──> Staleness: %s(a=%s, b=%s), max staleness %s",
-            self.staleness_name,
-            self.staleness_a,
-            self.staleness_b,
-            self.max_staleness,
-        )
+        log(INFO, "\t├──> Max staleness: %s", self.max_staleness)
         log(
             INFO,
             "\t├──> Concurrency: %d, selection: %s",
@@ -463,6 +474,7 @@ class StalenessAwareAsyncStrategy(SynchronousInterface, Strategy):
         self._events_pending = []
         self._sync_round = None
         self.store.reset(arrayrecord_to_params(initial_arrays, writable=True))
+        self.aggregator.bind_state(state_names(self.store.params, self.state_keys))
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result(arrays=initial_arrays)
         resumed = self._resume is not None

@@ -24,6 +24,7 @@ from flwr.serverapp.exception import AggregationError
 from afl_flwr.aggregators import Aggregator, Update
 from afl_flwr.clock import VirtualClock
 from afl_flwr.constants import BASE_VERSION, CLIENT_DELAY, SERVER_ROUND
+from afl_flwr.model_state import StateKeys, state_names
 from afl_flwr.replies import TrainReply, arrayrecord_to_params, params_to_arrayrecord
 from afl_flwr.selection import NodeSelector
 from afl_flwr.strategy.admission import Refusal, admit
@@ -46,6 +47,7 @@ class SynchronousInterface:
     clock: VirtualClock | None
     concurrency: int
     max_reply_bytes: int | None
+    state_keys: StateKeys | None
     weighted_by_key: str
     arrayrecord_key: str
     configrecord_key: str
@@ -86,7 +88,9 @@ class SynchronousInterface:
         run is then synchronous (logged once).
         """
         self._warn_synchronous("configure_train")
+        # Read-only views of the caller's arrays: no rule writes what it merges.
         self.store.reset(arrayrecord_to_params(arrays), server_round - 1)
+        self.aggregator.bind_state(state_names(self.store.params, self.state_keys))
         self._sync_round = server_round
         self._sync_population = len(list(grid.get_node_ids()))
         chosen = self._sample(grid)
@@ -121,8 +125,10 @@ class SynchronousInterface:
         """Aggregate one round's replies with the same aggregation rule.
 
         Every reply started from this round's model (staleness 0), so the
-        staleness function has no effect here; buffered rules merge whatever
-        arrived, whatever ``K``.
+        staleness function has no effect here. Every update's base is that
+        model, also for the replies merged after a first merge within the round
+        (a buffer smaller than the round); what is left in the buffer is merged
+        at the end of the round, whatever ``K``.
 
         Raises
         ------
@@ -137,7 +143,8 @@ class SynchronousInterface:
             )
         self._sync_round = None
         accepted: list[TrainReply] = []
-        current = self.store.params
+        round_base = self.store.params
+        current = round_base
         for reply in replies:
             admitted = admit(
                 reply,
@@ -156,7 +163,7 @@ class SynchronousInterface:
             update = Update(
                 client=node,
                 params=admitted.params,
-                base=current,
+                base=round_base,
                 base_version=server_round - 1,
                 staleness=0,
                 num_examples=admitted.num_examples,

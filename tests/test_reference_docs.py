@@ -1,0 +1,48 @@
+"""Docs come from the code: generated tables current, pyproject matches AppConfig."""
+
+import tomllib
+
+import pytest
+
+from afl_flwr.config import AppConfig
+from afl_flwr.reference import DOCS, GENERATORS, render, stale_files
+
+
+def test_every_generated_block_in_docs_is_current():
+    stale = stale_files(DOCS)
+    assert not stale, (
+        f"{[str(p) for p in stale]} out of date: run python -m afl_flwr.reference "
+        "--write"
+    )
+
+
+def test_every_generator_has_a_block_in_the_docs():
+    text = "".join(p.read_text() for p in DOCS.glob("*.md"))
+    for name in GENERATORS:
+        assert f"<!-- generated: {name} -->" in text
+
+
+def test_a_stale_block_is_detected_and_rewritten():
+    # Prepare: a block whose body is wrong
+    text = "x\n<!-- generated: run-config -->\n| stale |\n<!-- end: run-config -->\ny\n"
+
+    # Execute
+    rendered = render(text)
+
+    # Assert: the stale row is gone, every key of AppConfig is listed
+    assert "| stale |" not in rendered
+    for key in AppConfig.run_config_fields():
+        assert f"| `{key}` |" in rendered
+    assert rendered.startswith("x\n") and rendered.endswith("y\n")
+
+
+def test_unknown_block_names_are_refused():
+    with pytest.raises(ValueError, match="unknown generated block"):
+        render("<!-- generated: nope -->\n<!-- end: nope -->")
+
+
+def test_pyproject_lists_every_key_with_the_code_default():
+    # Flower's flwr run drops keys pyproject does not declare; every key must be there
+    pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+    assert declared == AppConfig().to_run_config()
