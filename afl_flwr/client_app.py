@@ -12,15 +12,14 @@ train task of each process logs that split (``Cold task timing: ...``), which
 """
 
 import itertools
-import os
 import time
 from collections.abc import Mapping
 from functools import lru_cache
 from logging import INFO
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -247,14 +246,11 @@ def _number(value: object, key: str) -> float:
 
 
 def _process_age_s() -> float:
-    """Seconds since this process started (Linux ``/proc``; NaN elsewhere)."""
+    """Seconds since this process started (NaN where psutil cannot tell)."""
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
+        return time.time() - psutil.Process().create_time()
+    except (psutil.Error, OSError):
         return float("nan")
-    # Field 22 of stat (the 20th after the command name): start time in ticks.
-    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _sleep_like(profile: NodeProfile, compute_s: float, task_seed: int) -> None:

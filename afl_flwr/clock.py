@@ -1,4 +1,4 @@
-"""Heterogeneous client profiles and the simulated clock.
+"""Heterogeneous client profiles, and the clocks that order a run's outcomes.
 
 Each node has a compute-speed factor (1 = fastest; a factor of 10 takes ten times as
 long for the same work) and a network delay drawn uniformly from
@@ -6,17 +6,22 @@ long for the same work) and a network delay drawn uniformly from
 the run config, seeded per partition; a deployed SuperNode may declare its own in
 ``--node-config``.
 
-The :class:`VirtualClock` gives every dispatched task a simulated duration
-``planned steps x step-time-s x speed factor + delay``, so the asynchronous
-strategy can merge replies in simulated-finish order: the same seed then gives
-the same run however fast the host is and however Ray schedules the clients.
+A :class:`Clock` is the one object that differs between the two ways a run
+tells time: :class:`WallClock` (wall time, outcomes in arrival order) and
+:class:`VirtualClock`, which gives every dispatched task a simulated duration
+``planned steps x step-time-s x speed factor + delay`` so the asynchronous
+strategy merges replies in simulated-finish order: the same seed then gives the
+same run however fast the host is and however Ray schedules the clients.
 """
 
 import math
-from collections.abc import Iterable, Mapping
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import DEBUG, INFO, WARNING
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -30,6 +35,7 @@ from afl_flwr.constants import (
     PROFILE_KEY,
     QUERY_PROFILE,
     SPEED_FACTOR,
+    STEPS,
 )
 
 
@@ -220,8 +226,141 @@ def task_duration(
 PROFILE_QUERIES = ("on-join", "first-dispatch")
 
 
-class VirtualClock:
+def reported_steps(reply: Message | None) -> int | None:
+    """The ``steps`` metric of a successful reply, if it reports one."""
+    if reply is None or reply.has_error():
+        return None
+    for record in reply.content.metric_records.values():
+        value = record.get(STEPS)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+class TimedTask(Protocol):
+    """What a clock reads of a dispatched task."""
+
+    seq: int
+    sim_start: float
+    timing: "TaskTiming | None"
+
+
+class Clock(ABC):
+    """How a run tells time and in which order it takes what comes back.
+
+    The scheduler and the strategy ask their clock instead of branching on the
+    mode: :class:`WallClock` processes outcomes as they arrive and reports wall
+    time; :class:`VirtualClock` plans a simulated duration per task and hands
+    out outcomes in simulated-finish order.
+    """
+
+    # Whether the scheduler refills a freed slot after every outcome (at that
+    # outcome's simulated instant) rather than after all that have arrived.
+    refill_each_outcome: bool = False
+
+    def __init__(self) -> None:
+        self._t0 = time.time()
+
+    def start(self) -> None:
+        """A run starts: time 0."""
+        self._t0 = time.time()
+
+    def wall(self) -> float:
+        """Wall seconds since the run started."""
+        return time.time() - self._t0
+
+    @abstractmethod
+    def now(self) -> float:
+        """The run's time: wall seconds, or simulated seconds."""
+
+    def label(self, node_id: int) -> int:
+        """Human-facing client id of a node (the node id by default)."""
+        return node_id
+
+    def sort_key(self, node_id: int) -> tuple[int, ...]:
+        """Stable order of nodes (node id by default)."""
+        return (node_id,)
+
+    def on_join(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Nodes joined (a virtual clock may ask their profiles)."""
+        return None
+
+    def unprofiled(self, node_ids: Iterable[int]) -> list[int]:
+        """Nodes to ask for a profile before their first task (none by default)."""
+        return []
+
+    def register(self, grid: Grid, node_ids: Iterable[int]) -> int:
+        """Ask nodes for their profiles; return how many were asked (none here)."""
+        return 0
+
+    def plan(self, node_id: int) -> "TaskTiming | None":
+        """Timing of the next task sent to ``node_id`` (none without simulation)."""
+        return None
+
+    @abstractmethod
+    def next_ready(
+        self,
+        ready: Sequence[tuple[TimedTask, Message | None]],
+        running: Iterable[TimedTask],
+    ) -> tuple[int, float] | None:
+        """Which ready outcome to process now, and its finish time, or ``None``.
+
+        ``ready`` lists the tasks with an outcome (reply or expiry) in arrival
+        order; ``running`` the tasks still without one.
+        """
+
+    def settle(self, finish: float) -> None:
+        """An outcome that finished at ``finish`` was processed."""
+        return None
+
+    def duration(self, task: TimedTask, finish: float) -> float:
+        """Simulated seconds of a processed task (0 without simulation)."""
+        return 0.0
+
+    def get_state(self) -> dict[str, Any] | None:
+        """JSON-ready state for checkpoints (none by default)."""
+        return None
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`get_state`."""
+        return None
+
+    def resume(self, now: float, wall: float) -> None:
+        """Continue a checkpointed run at simulated ``now`` and ``wall`` seconds."""
+        self._t0 = time.time() - wall
+
+    def describe(self) -> str:
+        """One word for logs."""
+        return type(self).__name__
+
+
+class WallClock(Clock):
+    """Wall time; outcomes are processed in the order they arrive."""
+
+    def now(self) -> float:
+        """Wall seconds since the run started."""
+        return self.wall()
+
+    def next_ready(
+        self,
+        ready: Sequence[tuple[TimedTask, Message | None]],
+        running: Iterable[TimedTask],
+    ) -> tuple[int, float] | None:
+        """The oldest arrival, finishing now."""
+        return (0, self.wall()) if ready else None
+
+    def describe(self) -> str:
+        """``wall (arrival)``."""
+        return "wall (arrival)"
+
+
+class VirtualClock(Clock):
     """Simulated durations for tasks, from node profiles asked once per node.
+
+    Outcomes, failures included, are processed in simulated-finish order, each
+    task charged the steps it reports, and only once no task still running
+    could finish before it; the slot an outcome frees is refilled at its
+    simulated instant, before the next outcome.
 
     Parameters
     ----------
@@ -271,6 +410,9 @@ class VirtualClock:
                 f"profile_query={profile_query!r}; allowed: "
                 f"{', '.join(PROFILE_QUERIES)}"
             )
+        super().__init__()
+        self.refill_each_outcome = True
+        self._now = 0.0
         self.profile_query = profile_query
         self.local_epochs = local_epochs
         self.min_epochs = min(min_epochs or local_epochs, local_epochs)
@@ -281,13 +423,74 @@ class VirtualClock:
         self.profiles: dict[int, NodeProfile] = {}
         self._tasks: dict[int, int] = {}
 
-    def get_state(self) -> dict[str, int]:
+    def start(self) -> None:
+        """A run starts: wall and simulated time 0 (profiles are kept)."""
+        super().start()
+        self._now = 0.0
+
+    def now(self) -> float:
+        """Simulated seconds since the run started."""
+        return self._now
+
+    def describe(self) -> str:
+        """``virtual``."""
+        return "virtual"
+
+    def get_state(self) -> dict[str, Any]:
         """Tasks dispatched per client, JSON-ready (for checkpoints)."""
         return {str(k): v for k, v in self._tasks.items()}
 
-    def set_state(self, state: dict[str, int]) -> None:
+    def set_state(self, state: dict[str, Any] | None) -> None:
         """Restore :meth:`get_state`."""
-        self._tasks = {int(k): int(v) for k, v in state.items()}
+        if state is not None:
+            self._tasks = {int(k): int(v) for k, v in state.items()}
+
+    def resume(self, now: float, wall: float) -> None:
+        """Continue at simulated ``now``."""
+        super().resume(now, wall)
+        self._now = now
+
+    def on_join(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """With ``profile_query="on-join"``, ask the joined nodes' profiles."""
+        if self.profile_query == "on-join":
+            self.register(grid, node_ids)
+
+    def unprofiled(self, node_ids: Iterable[int]) -> list[int]:
+        """Nodes without a profile yet (only asked lazily, ``first-dispatch``)."""
+        if self.profile_query != "first-dispatch":
+            return []
+        return [n for n in node_ids if n not in self.profiles]
+
+    def finish_of(self, task: TimedTask, reply: Message | None) -> float:
+        """Simulated finish of a task, charged the steps its reply reports."""
+        if task.timing is None:
+            return task.sim_start
+        return task.sim_start + task.timing.charged(reported_steps(reply))
+
+    def next_ready(
+        self,
+        ready: Sequence[tuple[TimedTask, Message | None]],
+        running: Iterable[TimedTask],
+    ) -> tuple[int, float] | None:
+        """The earliest simulated finish, once no running task can precede it."""
+        if not ready:
+            return None
+        finishes = [self.finish_of(task, reply) for task, reply in ready]
+        index = min(range(len(ready)), key=lambda i: (finishes[i], ready[i][0].seq))
+        first = (finishes[index], ready[index][0].seq)
+        for task in running:
+            earliest = task.sim_start + (task.timing.min_duration if task.timing else 0)
+            if (earliest, task.seq) < first:
+                return None  # a running task may still finish first
+        return index, finishes[index]
+
+    def settle(self, finish: float) -> None:
+        """Simulated time moves to ``finish`` (never back)."""
+        self._now = max(self._now, finish)
+
+    def duration(self, task: TimedTask, finish: float) -> float:
+        """``finish`` minus the task's simulated start."""
+        return finish - task.sim_start
 
     def register(self, grid: Grid, node_ids: Iterable[int]) -> int:
         """Ask nodes without a known profile for it (``query.profile`` messages).
@@ -330,7 +533,7 @@ class VirtualClock:
         log(level, "Profiles of %d node(s) registered", len(unknown))
         return len(unknown)
 
-    def sort_key(self, node_id: int) -> tuple[int, int]:
+    def sort_key(self, node_id: int) -> tuple[int, ...]:
         """Stable ordering of nodes across runs (partition id, then node id)."""
         profile = self.profiles.get(node_id)
         return (profile.partition_id if profile else 1 << 62, node_id)
@@ -342,7 +545,7 @@ class VirtualClock:
             profile.partition_id if profile and profile.partition_id >= 0 else node_id
         )
 
-    def plan(self, node_id: int) -> TaskTiming:
+    def plan(self, node_id: int) -> "TaskTiming":
         """Timing of the next task sent to ``node_id``.
 
         Tasks are counted per client (partition id when known), so a resumed run

@@ -158,6 +158,10 @@ def read_idx(path: Path) -> np.ndarray:
 
     The header is a magic number ``0x0000 08 D`` (``D`` = number of dimensions)
     followed by ``D`` big-endian uint32 sizes; the payload is the array in C order.
+    torchvision's ``read_sn3_pascalvincent_tensor`` reads the same format but
+    opens plain files only (the shipped MNIST files are gzipped) and checks
+    the header with ``assert`` (no message naming the file, and gone under
+    ``python -O``), so this reader stays.
 
     Raises
     ------

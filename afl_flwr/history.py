@@ -56,6 +56,23 @@ class EvalPoint:
     eval_seconds: float = 0.0
 
 
+# Kinds of evaluation.
+CENTRAL = "central"  # evaluate_fn on the server
+FEDERATED = "federated"  # aggregated from the clients' evaluate replies
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the global model, as callbacks are told of it.
+
+    ``kind`` is :data:`CENTRAL` (``evaluate_fn`` on the server) or
+    :data:`FEDERATED` (aggregated from the clients' ``evaluate`` replies).
+    """
+
+    kind: str
+    point: EvalPoint
+
+
 @dataclass
 class RunHistory:
     """Everything a run reports besides the final weights."""

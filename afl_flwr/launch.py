@@ -26,16 +26,14 @@ the overrides) and exits 2 with the error if it cannot work;
 import argparse
 import contextlib
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 from click import ClickException
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
@@ -106,29 +104,47 @@ def build_command(
 
 
 def superlink_pids(port: str) -> list[int]:
-    """PIDs of ``flower-superlink`` processes serving ``port`` (Linux /proc scan)."""
+    """PIDs of ``flower-superlink`` processes serving ``port`` (by command line)."""
     pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [a.decode(errors="replace") for a in argv if a]
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        words = proc.info["cmdline"] or []
         if any(w.endswith("flower-superlink") for w in words[:2]) and port in words:
-            pids.append(int(proc.name))
+            pids.append(int(proc.info["pid"]))
     return pids
+
+
+def flower_processes(flwr_home: Path) -> list[psutil.Process]:
+    """Live processes whose ``FLWR_HOME`` is ``flwr_home`` or lies below it.
+
+    What a test, a benchmark or the deployment runbook started under its own
+    ``FLWR_HOME`` (SuperLink, SuperNodes, SuperExec, app processes); zombies
+    and processes that cannot be read are left out.
+    """
+    root = Path(flwr_home).resolve()
+    found = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error, ValueError):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            home = proc.environ().get("FLWR_HOME")
+            if home and (Path(home) == root or root in Path(home).parents):
+                found.append(proc)
+    return found
 
 
 def stop_processes(pids: Sequence[int], grace_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL what is still alive after ``grace_s``."""
+    procs = []
     for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            procs.append(psutil.Process(pid))
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
 
 
 def check_deployment(
@@ -306,20 +322,6 @@ def default_gpu_fraction(cfg: AppConfig) -> float:
     if not torch.cuda.is_available():
         return 0.0
     return round(1.0 / cfg.clients_per_round, 4)
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and re.search(r"\) Z ", stat.read_text()))
 
 
 if __name__ == "__main__":

@@ -156,6 +156,9 @@ def make_async_strategy(
         checkpoint_every=cfg.checkpoint_every if checkpoint_path else 0,
         checkpoint_path=checkpoint_path,
         concurrency=cfg.clients_per_round,
+        # run() has waited (bounded) for num-clients nodes; start with what is
+        # there, later nodes are picked up as they join.
+        min_available_nodes=1,
         aggregation=cfg.aggregation,
         max_staleness=cfg.max_staleness,
         selection=cfg.selection,

@@ -27,13 +27,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from afl_flwr.clock import TaskTiming, VirtualClock
+from afl_flwr.clock import Clock, TaskTiming, WallClock, reported_steps
 from afl_flwr.constants import NUM_EXAMPLES, TASK_SEED
-from afl_flwr.history import MERGED, REJECTED, EvalPoint, RunHistory
+from afl_flwr.history import CENTRAL, MERGED, REJECTED, EvalPoint, RunHistory
 from afl_flwr.replies import TrainReply
 from afl_flwr.selection import NodeSelector, make_selector
-from afl_flwr.strategy.recorder import RunRecorder
-from afl_flwr.strategy.scheduler import reported_steps
+from afl_flwr.strategy.run_state import RunState
 
 
 class ClockedFedAvg(FedAvg):
@@ -41,9 +40,10 @@ class ClockedFedAvg(FedAvg):
 
     Parameters
     ----------
-    clock : VirtualClock, optional (default: None)
-        Charges each round the slowest selected client's simulated duration;
-        without it, time is wall time.
+    clock : Clock, optional (default: None)
+        A :class:`~afl_flwr.clock.VirtualClock` charges each round the slowest
+        selected client's simulated duration; ``None`` (a ``WallClock``) uses
+        wall time.
     eval_every : int (default: 1)
         Run the central evaluation every this many rounds (and at the last).
     seed : int (default: 0)
@@ -52,7 +52,7 @@ class ClockedFedAvg(FedAvg):
     selection : str, optional (default: None)
         ``"without-replacement"`` or ``"with-replacement"``: draw each round's
         nodes one by one with :func:`~afl_flwr.selection.make_selector` over the
-        nodes in a stable order (the clock's ``sort_key``, else node id), as the
+        nodes in a stable order (the clock's ``sort_key``), as the
         asynchronous strategy does. ``None`` keeps Flower's sampler
         (``random.sample`` over the grid's node ids).
     **kwargs
@@ -62,7 +62,7 @@ class ClockedFedAvg(FedAvg):
     def __init__(
         self,
         *,
-        clock: VirtualClock | None = None,
+        clock: Clock | None = None,
         eval_every: int = 1,
         seed: int = 0,
         selection: str | None = None,
@@ -73,26 +73,22 @@ class ClockedFedAvg(FedAvg):
         self.selector: NodeSelector | None = (
             make_selector(selection, seed) if selection is not None else None
         )
-        self.clock = clock
+        self.clock: Clock = clock if clock is not None else WallClock()
         self.eval_every = eval_every
         self.seed = seed
-        self.recorder = RunRecorder()
-        self.sim_time = 0.0
-        self._t0 = time.time()
+        self.state = _round_state(0)
         self._timings: dict[int, TaskTiming] = {}
         self._durations: dict[int, float] = {}
 
     @property
     def history(self) -> RunHistory:
         """Everything the current (or last) run recorded."""
-        return self.recorder.history
+        return self.state.history
 
-    @history.setter
-    def history(self, value: RunHistory) -> None:
-        self.recorder.history = value
-
-    def _now(self) -> float:
-        return self.sim_time if self.clock is not None else time.time() - self._t0
+    @property
+    def sim_time(self) -> float:
+        """The run's time: the rounds' charged durations, or wall time."""
+        return self.clock.now()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -103,21 +99,21 @@ class ClockedFedAvg(FedAvg):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         else:
             messages = self._selected_messages(server_round, arrays, config, grid)
-        if self.clock is not None:
-            self.clock.register(grid, grid.get_node_ids())
-            self._timings = {
-                m.metadata.dst_node_id: self.clock.plan(m.metadata.dst_node_id)
-                for m in messages
-            }
+        self.clock.register(grid, grid.get_node_ids())
+        self._timings = {}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            timing = self.clock.plan(node)
+            if timing is not None:
+                self._timings[node] = timing
         return messages
 
     def select_nodes(self, grid: Grid) -> list[int]:
         """Nodes of the next round, drawn by the selector (FedAvg's sample size)."""
         assert self.selector is not None
         node_ids = list(grid.get_node_ids())
-        if self.clock is not None:
-            self.clock.register(grid, node_ids)
-        nodes = sorted(node_ids, key=self.clock.sort_key if self.clock else None)
+        self.clock.register(grid, node_ids)
+        nodes = sorted(node_ids, key=self.clock.sort_key)
         size = min(
             max(int(len(nodes) * self.fraction_train), self.min_train_nodes),
             len(nodes),
@@ -157,29 +153,29 @@ class ClockedFedAvg(FedAvg):
             for reply in replies
             if reply.metadata.src_node_id in self._timings
         }
-        self.sim_time += max(self._durations.values(), default=0.0)
+        self.clock.settle(self.clock.now() + max(self._durations.values(), default=0.0))
         self._timings = {}
         for reply in replies:
             node = reply.metadata.src_node_id
-            client = self.clock.label(node) if self.clock is not None else node
+            client = self.clock.label(node)
             common: dict[str, Any] = {
                 "version": server_round - 1,
                 "node_id": node,
                 "client": client,
                 "base_version": server_round - 1,
                 "staleness": 0,
-                "wall_time": time.time() - self._t0,
-                "sim_time": self._now(),
+                "wall_time": self.clock.wall(),
+                "sim_time": self.clock.now(),
                 "sim_duration": self._durations.get(node, 0.0),
             }
             if reply.has_error():
-                self.recorder.outcome(
+                self.state.record(
                     status=REJECTED, reason=reply.error.reason or "", **common
                 )
                 continue
             metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
             examples = float(metrics.get(NUM_EXAMPLES, 0.0))  # type: ignore[arg-type]
-            self.recorder.outcome(
+            self.state.record(
                 status=MERGED,
                 merged_into=server_round,
                 weight=examples,
@@ -200,9 +196,8 @@ class ClockedFedAvg(FedAvg):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Run Flower's round loop, recording evaluations with their times."""
-        self.history = RunHistory()
-        self.sim_time = 0.0
-        self._t0 = time.time()
+        self.state = _round_state(num_rounds)
+        self.clock.start()
 
         def recorded_evaluate(
             server_round: int, arrays: ArrayRecord
@@ -211,16 +206,15 @@ class ClockedFedAvg(FedAvg):
                 return None
             started = time.time()
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            self.history.evals.append(
-                EvalPoint(
-                    version=server_round,
-                    wall_time=time.time() - self._t0,
-                    sim_time=self._now(),
-                    client_updates=len(self.history.merged()),
-                    metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
-                    eval_seconds=time.time() - started,
-                )
+            point = EvalPoint(
+                version=server_round,
+                wall_time=self.clock.wall(),
+                sim_time=self.clock.now(),
+                client_updates=self.state.merged_updates,
+                metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
+                eval_seconds=time.time() - started,
             )
+            self.state.record_evaluation(CENTRAL, point, metrics)
             return metrics
 
         return super().start(
@@ -232,3 +226,10 @@ class ClockedFedAvg(FedAvg):
             evaluate_config=evaluate_config,
             evaluate_fn=recorded_evaluate,
         )
+
+
+def _round_state(num_rounds: int) -> RunState:
+    """A run state that records the rounds (FedAvg has no failure streak to end)."""
+    return RunState(
+        num_rounds=num_rounds, result=Result(), max_consecutive_failures=1 << 62
+    )

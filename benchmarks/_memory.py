@@ -1,82 +1,62 @@
-"""Memory readings for benchmarks, from Linux's ``/proc`` (no psutil needed).
+"""Memory readings for benchmarks (psutil; the peak reset is Linux's ``/proc``).
 
 * :func:`reset_peak_rss` / :func:`peak_rss_mib`: this process's resident-set
-  high-water mark (``VmHWM``), reset by writing ``5`` to ``clear_refs``;
+  high-water mark (``VmHWM``), reset by writing ``5`` to ``clear_refs`` (psutil
+  has no reset of the peak);
 * :class:`TreeSampler`: a thread that samples the proportional set size (PSS,
   shared pages split between the processes that map them) summed over this
   process and all its descendants (Ray's GCS, raylet and workers), and keeps the
   peak of that sum.
 
-Off Linux every reading is ``None``.
+Off Linux the peak readings are ``None`` and PSS falls back to RSS.
 """
 
+import resource
+import sys
 import threading
 from pathlib import Path
 
-PROC = Path("/proc")
+import psutil
 
-
-def _status_kib(field: str, pid: int | str = "self") -> int | None:
-    try:
-        text = (PROC / str(pid) / "status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
+CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def rss_mib() -> float | None:
     """This process's resident set now, in MiB."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib / 1024
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark to its current RSS; success?"""
     try:
-        (PROC / "self" / "clear_refs").write_text("5")
+        CLEAR_REFS.write_text("5")
     except OSError:
         return False
     return True
 
 
 def peak_rss_mib() -> float | None:
-    """This process's RSS high-water mark, in MiB."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib / 1024
+    """This process's RSS high-water mark, in MiB (``ru_maxrss``, KiB on Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def descendants(root: int) -> list[int]:
     """Process ids below ``root`` (children, their children, ...)."""
-    parents: dict[int, list[int]] = {}
-    for entry in PROC.glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name is in parentheses and may contain spaces.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [root]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    try:
+        return [p.pid for p in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def pss_mib(pid: int) -> float:
     """Proportional set size of one process in MiB (0 when it is gone)."""
     try:
-        text = (PROC / str(pid) / "smaps_rollup").read_text()
-    except OSError:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0.0
-    for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return getattr(info, "pss", info.rss) / 2**20
 
 
 class TreeSampler:

@@ -28,6 +28,7 @@ Usage::
 """
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -44,9 +45,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from afl_flwr.experiments.inprocess import run_inprocess
 from afl_flwr.experiments.runs import markdown_table
-from afl_flwr.launch import stop_processes
+from afl_flwr.launch import flower_processes, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docker" / "run-local-deployment.sh"
@@ -145,16 +148,8 @@ def free_port_block(size: int) -> int:
 
 
 def flower_pids(work: Path) -> list[int]:
-    """Live processes whose environment points into ``work`` (their FLWR_HOME)."""
-    marker = f"FLWR_HOME={work}".encode()
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    """Live processes whose FLWR_HOME lies under ``work``."""
+    return [p.pid for p in flower_processes(work)]
 
 
 class CpuSampler(threading.Thread):
@@ -173,28 +168,25 @@ class CpuSampler(threading.Thread):
 
     def __init__(self, work: Path) -> None:
         super().__init__(daemon=True)
-        self.marker = f"FLWR_HOME={work}".encode()
+        self.work = str(work)
         self.seen: dict[int, str | None] = {}  # pid -> kind (None: not ours)
-        self.ticks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.2):
-            for proc in Path("/proc").glob("[0-9]*"):
-                pid = int(proc.name)
-                try:
-                    if pid not in self.seen:
-                        self.seen[pid] = self._kind(proc)
-                    if self.seen[pid] is not None:
-                        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                        self.ticks[pid] = int(fields[11]) + int(fields[12])
-                except (OSError, IndexError, ValueError):
-                    continue
+            for proc in psutil.process_iter(["pid"]):
+                with contextlib.suppress(psutil.Error):
+                    if proc.pid not in self.seen:
+                        self.seen[proc.pid] = self._kind(proc)
+                    if self.seen[proc.pid] is not None:
+                        times = proc.cpu_times()
+                        self.cpu[proc.pid] = times.user + times.system
 
-    def _kind(self, proc: Path) -> str | None:
-        if self.marker not in (proc / "environ").read_bytes():
+    def _kind(self, proc: psutil.Process) -> str | None:
+        if proc.environ().get("FLWR_HOME") != self.work:
             return None
-        cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        cmdline = " ".join(proc.cmdline())
         return next((k for k in self.KINDS if k in cmdline), "other")
 
     def stop(self) -> dict[str, float]:
@@ -202,9 +194,9 @@ class CpuSampler(threading.Thread):
         self.done.set()
         self.join()
         per_kind: dict[str, float] = {}
-        for pid, ticks in self.ticks.items():
+        for pid, seconds in self.cpu.items():
             kind = self.seen[pid] or "other"
-            per_kind[kind] = per_kind.get(kind, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+            per_kind[kind] = per_kind.get(kind, 0.0) + seconds
         return per_kind
 
 

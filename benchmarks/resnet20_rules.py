@@ -32,6 +32,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from flwr.common.config import parse_config_args
+
 from afl_flwr.experiments.runs import markdown_table, quiet_worker
 from afl_flwr.experiments.stats import t_interval
 from afl_flwr.results import TEST_ACC, TEST_LOSS
@@ -42,8 +44,24 @@ METHODS = (FEDAVG, "fedbuff", "ca2fl", "fadas", "fedasync")
 WITHIN_PP = 10.0
 
 
+def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``NAME=RULE:key=value,...`` -> (name, rule, run-config overrides)."""
+    name, _, rest = text.partition("=")
+    rule, _, settings = rest.partition(":")
+    if not name or rule not in METHODS or rule == FEDAVG:
+        raise ValueError(
+            f"--variant {text!r}: expected NAME=RULE:key=value,... with RULE one of "
+            f"{', '.join(m for m in METHODS if m != FEDAVG)}"
+        )
+    values = parse_config_args([settings.replace(",", " ")]) if settings else {}
+    return name, rule, values
+
+
 def overrides(method: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Run config of one (method, seed); equal client work for every method."""
+    if method in args.variant_table:
+        rule, extra = args.variant_table[method]
+        return {**overrides(rule, args, seed), **extra}
     base: dict[str, Any] = {
         "dataset": args.dataset,
         "data-dir": args.data_dir,
@@ -179,6 +197,13 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="an extra method NAME=RULE:key=value,... (e.g. "
+        "fadas-0.01=fadas:server-lr=0.01)",
+    )
     parser.add_argument("--versions", type=int, default=8)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=5)
@@ -192,6 +217,12 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if FEDAVG not in args.methods:
         parser.error("--methods must include fedavg (the baseline)")
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+    except ValueError as err:
+        parser.error(str(err))
+    args.variant_table = {name: (rule, extra) for name, rule, extra in variants}
+    args.methods = [*args.methods, *args.variant_table]
     tag = f"{args.dataset}-v{args.versions}-e{args.local_epochs}"
     jobs = [
         {
@@ -225,9 +256,12 @@ def main() -> None:
             )
     summary = summarise(records, args.seeds)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": "python benchmarks/resnet20_rules.py " + " ".join(sys.argv[1:]),
-        "setting": {k: v for k, v in vars(args).items() if k != "out"},
+        "setting": {
+            k: v for k, v in vars(args).items() if k not in ("out", "variant_table")
+        },
         "summary": summary,
         "runs": sorted(records, key=lambda r: (r["method"], r["seed"])),
         "elapsed_s": time.time() - started,

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from _memory import TreeSampler, peak_rss_mib, reset_peak_rss, rss_mib
 from _synthetic_app import (
@@ -614,11 +615,7 @@ def _simulation_rows(  # pylint: disable=too-many-arguments,too-many-positional-
 # ------------------------------------------------------------------ the report
 def machine() -> str:
     """A one-line description of this machine."""
-    memory = ""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        kib = int(meminfo.read_text().split()[1])
-        memory = f", {kib / 2**20:.0f} GiB RAM"
+    memory = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     return (
         f"{os.cpu_count()} cores ({platform.machine()}){memory}, "
         f"Python {platform.python_version()}, torch {torch.__version__}"

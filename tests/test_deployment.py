@@ -22,8 +22,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import kill_group, run_bounded
+
+from afl_flwr.launch import flower_processes
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
 
@@ -92,37 +95,26 @@ def runbook(
     return command if tls else [*command, "--insecure"]
 
 
-def flower_processes(work: Path) -> list[int]:
-    """PIDs of live processes whose environment points into ``work`` (FLWR_HOME)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if f"FLWR_HOME={work}".encode() in environ and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+def flower_pids(work: Path) -> list[int]:
+    """PIDs of live processes whose FLWR_HOME lies under ``work``."""
+    return [p.pid for p in flower_processes(work)]
 
 
 def supernode_pids(work: Path, index: int) -> list[int]:
     """PIDs of SuperNode processes whose FLWR_HOME is ``supernode-<index>``."""
-    home = f"FLWR_HOME={work / 'flwr-home' / f'supernode-{index}'}\0".encode()
+    home = work / "flwr-home" / f"supernode-{index}"
     pids = []
-    for pid in flower_processes(work):
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-            if b"flower-supernode" in cmdline and home in environ:
-                pids.append(pid)
+    for proc in flower_processes(home):
+        with contextlib.suppress(psutil.Error):
+            if any("flower-supernode" in w for w in proc.cmdline()):
+                pids.append(proc.pid)
     return pids
 
 
 def stop_leftovers(work: Path, grace_s: float = 10.0) -> list[int]:
     """Wait for the test's Flower processes to exit; SIGKILL and return stragglers."""
     deadline = time.time() + grace_s
-    while (alive := flower_processes(work)) and time.time() < deadline:
+    while (alive := flower_pids(work)) and time.time() < deadline:
         time.sleep(0.3)
     for pid in alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_group, run_bounded
 
-from afl_flwr.launch import stop_processes, superlink_pids
+from afl_flwr.launch import flower_processes, stop_processes, superlink_pids
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
 
@@ -30,19 +30,8 @@ def free_port() -> int:
 
 
 def leftovers(home: Path) -> list[int]:
-    """PIDs of Flower processes whose command line mentions our FLWR_HOME/ports."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(home) in env and any(
-            name in cmd for name in ("flower-superlink", "flower-superexec", "flwr-")
-        ):
-            pids.append(int(proc.name))
-    return pids
+    """PIDs of live processes under our FLWR_HOME (SuperLink, SuperExec, apps)."""
+    return [p.pid for p in flower_processes(home)]
 
 
 def test_afl_flwr_run_through_local_superlink(tmp_path, mnist_dir):

@@ -31,7 +31,11 @@ class QueryLog(FakeGrid):
 
     def push_messages(self, messages):
         messages = list(messages)
-        self.log += [("train", m.metadata.dst_node_id) for m in messages]
+        self.log += [
+            ("train", m.metadata.dst_node_id)
+            for m in messages
+            if m.metadata.message_type == "train"
+        ]
         return super().push_messages(messages)
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -246,8 +250,8 @@ def test_a_checkpoint_waits_for_pending_evaluations(tmp_path):
     saved_evals = []
     save = strategy.save_checkpoint
 
-    def spy():
-        save()
+    def spy(path=None):
+        save(path)
         saved_evals.append([p.version for p in strategy.history.evals])
 
     strategy.save_checkpoint = spy  # type: ignore[method-assign]

@@ -18,8 +18,9 @@ def test_interval_of_one_to_five_matches_hand_computation():
 
     # Assert
     assert interval.mean == pytest.approx(3.0)
-    assert interval.low == pytest.approx(3.0 - half)
-    assert interval.high == pytest.approx(3.0 + half)
+    # (the table's 4 decimals: relative precision 2e-5 on the half-width)
+    assert interval.high - interval.mean == pytest.approx(half, rel=2e-5)
+    assert interval.mean - interval.low == pytest.approx(half, rel=2e-5)
     assert interval.excludes_zero
 
 
@@ -32,8 +33,8 @@ def test_interval_agrees_with_numpy_standard_error():
 
     # Assert: independent computation with numpy (ddof=1), t_{0.975,6} = 2.4469
     se = np.std(values, ddof=1) / np.sqrt(len(values))
-    assert interval.high - interval.mean == pytest.approx(2.4469 * se)
-    assert interval.mean - interval.low == pytest.approx(2.4469 * se)
+    assert interval.high - interval.mean == pytest.approx(2.4469 * se, rel=2e-5)
+    assert interval.mean - interval.low == pytest.approx(2.4469 * se, rel=2e-5)
 
 
 @pytest.mark.parametrize(

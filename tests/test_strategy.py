@@ -289,7 +289,10 @@ def test_bad_reply_is_rejected_and_model_unchanged(kind):
     x0 = make_params(0)
     grid = FakeGrid(replies={1: reply_fn})
     strategy = StalenessAwareAsyncStrategy(
-        concurrency=1, aggregation="immediate", max_consecutive_failures=5
+        concurrency=1,
+        min_available_nodes=1,
+        aggregation="immediate",
+        max_consecutive_failures=5,
     )
 
     # Execute: the run ends by itself, with an error naming the reason
@@ -315,7 +318,12 @@ def test_reply_to_unknown_message_is_rejected():
         Message(reply_content(make_params(9), 10.0), reply_to=stranger)
     )
     strategy = StalenessAwareAsyncStrategy(
-        concurrency=1, aggregation="immediate", mixing_rate=1.0, poll_interval=0.0
+        concurrency=1,
+        min_available_nodes=1,
+        aggregation="immediate",
+        mixing_rate=1.0,
+        poll_interval=0.0,
+        fraction_evaluate=0.0,
     )
 
     result = run(strategy, grid, x0, num_rounds=1)
@@ -476,7 +484,9 @@ def test_profile_durations_match_formula():
 
 def test_train_config_is_forwarded():
     grid = FakeGrid(replies={1: shift_by(0.0)})
-    strategy = StalenessAwareAsyncStrategy(concurrency=1, poll_interval=0.0)
+    strategy = StalenessAwareAsyncStrategy(
+        concurrency=1, min_available_nodes=1, poll_interval=0.0
+    )
 
     run(
         strategy,

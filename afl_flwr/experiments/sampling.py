@@ -35,6 +35,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import FLOWER_LOGGER, log
 from matplotlib.figure import Figure
 
+from afl_flwr.experiments.stats import t_interval
 from afl_flwr.selection import SELECTIONS, make_selector
 
 WITH_REPLACEMENT = "with-replacement"
@@ -232,8 +233,6 @@ def _row(updates: np.ndarray, m: int, trials: int, seed: int) -> dict[str, float
 
 # --- the same question through the server's own selection path -----------------
 
-# Two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom (more: 2.0).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 GRADIENT_KEY = "g"
 # Regimes of the server-path study: (concurrency, tick delays) per name.
 EQUAL = "equal-delays"
@@ -244,11 +243,10 @@ REGIMES = (EQUAL, HETEROGENEOUS, SEQUENTIAL)
 
 def interval95(values: Sequence[float]) -> tuple[float, float]:
     """Mean and half-width of its 95% Student-t interval (0 for one value)."""
-    data = np.asarray(values, dtype=float)
-    if data.size < 2:
-        return float(data.mean()), 0.0
-    t = _T975[data.size - 2] if data.size - 1 <= len(_T975) else 2.0
-    return float(data.mean()), float(t * data.std(ddof=1) / np.sqrt(data.size))
+    interval = t_interval([float(v) for v in values])
+    if interval.n < 2:
+        return interval.mean, 0.0
+    return interval.mean, (interval.high - interval.low) / 2
 
 
 def regime_delays(regime: str, num_clients: int, max_delay: int = 8) -> list[int]:

@@ -47,12 +47,16 @@ class ModelStore:
             self._record_version = self.version
         return self._record
 
-    def checkout(self) -> int:
-        """A task starts from the current version: keep it; return the version."""
+    def checkout(self, version: int) -> None:
+        """A task was sent the current ``version``: keep it until :meth:`release`."""
+        if version != self.version:
+            raise ValueError(
+                f"checkout of version {version}, but the current version is "
+                f"{self.version}"
+            )
         if self.keep_bases:
-            self._bases.setdefault(self.version, self.params)
-            self._refs[self.version] = self._refs.get(self.version, 0) + 1
-        return self.version
+            self._bases.setdefault(version, self.params)
+            self._refs[version] = self._refs.get(version, 0) + 1
 
     def base(self, version: int) -> Params | None:
         """The model of ``version`` if still kept (``None`` without bases)."""
@@ -76,8 +80,3 @@ class ModelStore:
         self.params = params
         self.version += 1
         return self.version
-
-    @property
-    def bases_kept(self) -> int:
-        """How many past versions are held for in-flight tasks."""
-        return sum(1 for v in self._bases if v != self.version)

@@ -1,37 +1,43 @@
 """Slots, dispatch, replies and their order: the asynchronous event source.
 
-The scheduler keeps up to ``concurrency`` tasks in flight and hands the
-strategy one *outcome* at a time (a reply, or a task that got none within its
-timeout). With a :class:`~afl_flwr.clock.VirtualClock` outcomes come in
-simulated-finish order, failures included, so a run is reproducible however the
-host schedules clients; without one they come in arrival order and time is wall
-time.
+The scheduler owns every task in flight, of two kinds: *train* tasks, which
+fill the training slots, and *evaluate* tasks (federated evaluation), which
+ride alongside them. It asks a :class:`TaskFactory` for the messages, pushes
+them, pulls the replies and hands the strategy one :class:`Outcome` at a time
+(a reply, or a task that got none within its timeout). The order is the
+:class:`~afl_flwr.clock.Clock`'s: arrival order with a
+:class:`~afl_flwr.clock.WallClock`, simulated-finish order (failures included)
+with a :class:`~afl_flwr.clock.VirtualClock`. Evaluation outcomes come as they
+arrive: they do not change the model.
 
 Dispatch never throttles: while a slot is free and any node is idle, the slot
 gets work. ``avoid`` (nodes whose update waits in the aggregator's buffer) and
 back-off (nodes whose tasks keep failing) are preferences among idle nodes, and
 a backed-off node still gets work when nothing else can run.
 
-Dispatch costs ``O(concurrency + buffer + failing nodes)`` per task, not
-``O(N)``: the selector is told which few nodes it may not pick
+Dispatch costs ``O(slots + buffer + failing nodes)`` per task, not ``O(N)``:
+the selector is told which few nodes it may not pick
 (:meth:`~afl_flwr.selection.NodeSelector.pick`), and the node list is only
 rebuilt when nodes join or leave.
 """
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, Protocol
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from afl_flwr.clock import TaskTiming, VirtualClock
-from afl_flwr.constants import STEPS
+from afl_flwr.clock import Clock, TaskTiming, WallClock
 from afl_flwr.selection import NodeSelector
 
+# node -> (the evaluate message for it, the version it evaluates)
+MessageBuilder = Callable[[int], tuple[Message, int]]
+TRAIN = MessageType.TRAIN
+EVALUATE = MessageType.EVALUATE
 # Seconds between node-list refreshes while tasks are in flight (each refresh is
 # a SuperLink round trip in a deployment).
 NODE_REFRESH_S = 1.0
@@ -45,32 +51,37 @@ MAX_BACKOFF = 64
 PROFILE_BATCH = 256
 
 
+def train_slots(num_nodes: int, fraction_train: float, min_train_nodes: int) -> int:
+    """FedAvg's sample size as the number of training slots, capped at the nodes.
+
+    ``max(int(num_nodes * fraction_train), min_train_nodes)``, as Flower's
+    ``FedAvg.configure_train`` sizes a round, but never more than the nodes
+    connected (every node is then kept busy).
+    """
+    return min(num_nodes, max(int(num_nodes * fraction_train), min_train_nodes))
+
+
 @dataclass
 class Task:
-    """A dispatched training task awaiting its outcome."""
+    """A dispatched task awaiting its outcome.
 
+    ``version`` is the global version a train task started from (its base), or
+    the version an evaluate task evaluates.
+    """
+
+    kind: str
     message_id: str
     node_id: int
-    base_version: int
+    version: int
     seq: int
     sent_wall: float
     sim_start: float
     timing: TaskTiming | None = None
 
     @property
-    def planned_finish(self) -> float:
-        """Simulated finish of the full job."""
-        return self.sim_start + (self.timing.duration if self.timing else 0.0)
-
-    @property
-    def earliest_finish(self) -> float:
-        """Lower bound of the simulated finish (early stopping)."""
-        return self.sim_start + (self.timing.min_duration if self.timing else 0.0)
-
-    @property
-    def planned_duration(self) -> float:
-        """Simulated seconds of the full job."""
-        return self.timing.duration if self.timing else 0.0
+    def base_version(self) -> int:
+        """The version a train task started from."""
+        return self.version
 
 
 @dataclass(frozen=True)
@@ -83,31 +94,50 @@ class Outcome:
     sim_duration: float
 
 
+class TaskFactory(Protocol):
+    """Builds the messages of train tasks; told when a push succeeded."""
+
+    def train_message(self, node_id: int, seq: int) -> tuple[Message, int]:
+        """The train message for ``node_id`` and the version it carries."""
+
+    def started(self, task: Task) -> None:
+        """The task's push succeeded (check out its base)."""
+
+
 class Scheduler:
-    """Keep ``concurrency`` nodes busy and order what comes back.
+    """Keep the training slots busy and order what comes back.
 
     Parameters
     ----------
-    concurrency : int
-        Tasks in flight at most.
     selector : NodeSelector
         Picks the next node among the eligible idle ones.
-    clock : VirtualClock, optional (default: None)
-        Simulated durations and finish order; ``None`` uses wall time.
+    concurrency : int, optional (default: None)
+        Train tasks in flight at most; ``None`` sizes the slots from the
+        connected nodes with :func:`train_slots`.
+    fraction_train : float (default: 1.0)
+        Without ``concurrency``: the share of connected nodes kept busy.
+    min_train_nodes : int (default: 2)
+        Without ``concurrency``: at least this many slots (when the nodes exist).
+    clock : Clock, optional (default: None)
+        Time and outcome order; ``None`` means a :class:`~afl_flwr.clock.WallClock`.
     """
 
     def __init__(
         self,
         *,
-        concurrency: int,
         selector: NodeSelector,
-        clock: VirtualClock | None = None,
+        concurrency: int | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        clock: Clock | None = None,
     ) -> None:
-        if concurrency < 1:
+        if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
-        self.concurrency = concurrency
         self.selector = selector
-        self.clock = clock
+        self.concurrency = concurrency
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.clock: Clock = clock if clock is not None else WallClock()
         self.reset()
 
     def reset(self) -> None:
@@ -120,52 +150,47 @@ class Scheduler:
         self._arrived: dict[str, Message] = {}
         self._expired: set[str] = set()
         self.seq = 0
-        self.sim_now = 0.0
         self.outcomes = 0
         self._failures: dict[int, int] = {}
         self._backoff_until: dict[int, int] = {}
-        self._t0 = time.time()
         self._last_refresh = -1e18
         self._logged_capacity = False
+        self.clock.start()
 
     # ------------------------------------------------------------ state
     def get_state(self) -> dict[str, Any]:
         """JSON-ready state for checkpoints."""
         return {
             "seq": self.seq,
-            "sim_now": self.sim_now,
-            "wall": time.time() - self._t0,
+            "sim_now": self.clock.now(),
+            "wall": self.clock.wall(),
             "selector": self.selector.get_state(),
-            "clock": self.clock.get_state() if self.clock is not None else None,
+            "clock": self.clock.get_state(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`get_state`."""
         self.seq = int(state["seq"])
-        self.sim_now = float(state["sim_now"])
-        self._t0 = time.time() - float(state["wall"])
         self.selector.set_state(state["selector"])
-        if self.clock is not None and state.get("clock") is not None:
-            self.clock.set_state(state["clock"])
+        self.clock.set_state(state.get("clock"))
+        self.clock.resume(float(state["sim_now"]), float(state["wall"]))
 
-    # ------------------------------------------------------------- time
-    def now(self) -> float:
-        """Simulated seconds with a clock, else wall seconds since the start."""
-        return self.sim_now if self.clock is not None else self.wall()
-
-    def wall(self) -> float:
-        """Wall seconds since the run started."""
-        return time.time() - self._t0
+    # ------------------------------------------------------------ nodes
+    @property
+    def slots(self) -> int:
+        """Training slots now (``concurrency``, or sized from the nodes)."""
+        if self.concurrency is not None:
+            return self.concurrency
+        return train_slots(len(self.nodes), self.fraction_train, self.min_train_nodes)
 
     def label(self, node_id: int) -> int:
         """Stable client id of a node (partition id when the clock knows it)."""
-        return self.clock.label(node_id) if self.clock is not None else node_id
+        return self.clock.label(node_id)
 
-    # ------------------------------------------------------------ nodes
-    def refresh(self, grid: Grid) -> None:
+    def refresh(self, grid: Grid, *, force: bool = False) -> None:
         """Pick up joined/left nodes (at most every ``NODE_REFRESH_S`` when busy)."""
         now = time.time()
-        if self.in_flight and now - self._last_refresh < NODE_REFRESH_S:
+        if not force and self._busy and now - self._last_refresh < NODE_REFRESH_S:
             return
         self._last_refresh = now
         current = set(grid.get_node_ids())
@@ -177,10 +202,9 @@ class Scheduler:
             log(INFO, "%d node(s) joined: %s", len(joined), _some(joined))
         if left:
             log(INFO, "%d node(s) left: %s", len(left), _some(left))
-        if joined and self.clock is not None and self.clock.profile_query == "on-join":
-            self.clock.register(grid, joined)
-        key = self.clock.sort_key if self.clock is not None else None
-        self.nodes = sorted(current, key=key)
+        if joined:
+            self.clock.on_join(grid, joined)
+        self.nodes = sorted(current, key=self.clock.sort_key)
         self._node_set = current
         self._by_label = {self.label(n): n for n in self.nodes}
 
@@ -189,12 +213,8 @@ class Scheduler:
         return {self._by_label[c] for c in labels if c in self._by_label}
 
     def busy_nodes(self) -> set[int]:
-        """Nodes with a task in flight."""
+        """Nodes with a train task in flight."""
         return set(self._busy)
-
-    def backed_off(self, node_id: int) -> bool:
-        """Whether a failing node is sitting out."""
-        return self._backoff_until.get(node_id, 0) > self.outcomes
 
     def backed_off_nodes(self) -> set[int]:
         """Failing nodes sitting out now (expired back-offs are forgotten)."""
@@ -225,23 +245,21 @@ class Scheduler:
         self._backoff_until.pop(node_id, None)
 
     # --------------------------------------------------------- dispatch
+    def train_in_flight(self) -> int:
+        """Train tasks in flight."""
+        return len(self._busy)
+
     def dispatch(
-        self,
-        grid: Grid,
-        build: Callable[[int, int], Message],
-        base_version: int,
-        avoid: Collection[int] = (),
+        self, grid: Grid, factory: TaskFactory, avoid: Collection[int] = ()
     ) -> list[Task]:
-        """Fill every free slot with a task for an idle node.
+        """Fill every free training slot with a task for an idle node.
 
         Parameters
         ----------
         grid : Grid
             Where messages are pushed.
-        build : Callable[[int, int], Message]
-            ``(node_id, seq) -> Message`` for one task.
-        base_version : int
-            Global version the new tasks start from.
+        factory : TaskFactory
+            Builds each task's message; told of each successful push.
         avoid : Collection[int] (default: ())
             Nodes to pass over while another idle node is eligible.
 
@@ -250,17 +268,47 @@ class Scheduler:
         list[Task]
             The tasks now in flight that were not before.
         """
-        free = self.concurrency - len(self.in_flight)
+        slots = self.slots
+        free = slots - self.train_in_flight()
         if free <= 0 or not self.nodes:
             return []
-        if len(self.nodes) < self.concurrency and not self._logged_capacity:
+        if len(self.nodes) < slots and not self._logged_capacity:
             log(
                 INFO,
                 "concurrency=%d exceeds the %d connected node(s): keeping all busy",
-                self.concurrency,
+                slots,
                 len(self.nodes),
             )
             self._logged_capacity = True
+        chosen = self._choose(free, avoid)
+        if not chosen:
+            return []
+        self._learn_profiles(grid, chosen)
+        messages, tasks = [], []
+        for node in chosen:
+            timing = self.clock.plan(node)
+            message, version = factory.train_message(node, self.seq)
+            messages.append(message)
+            tasks.append(
+                Task(
+                    TRAIN,
+                    "",
+                    node,
+                    version,
+                    self.seq,
+                    time.time(),
+                    self.clock.now(),
+                    timing,
+                )
+            )
+            self.seq += 1
+        started = self._push(grid, messages, tasks)
+        for task in started:
+            self._busy.add(task.node_id)
+            factory.started(task)
+        return started
+
+    def _choose(self, free: int, avoid: Collection[int]) -> list[int]:
         busy = set(self._busy)
         unhealthy = self.backed_off_nodes()
         avoided = set(avoid)
@@ -269,7 +317,7 @@ class Scheduler:
             # Preferred: idle, healthy, not avoided; then idle and healthy; then,
             # when nothing runs, any idle node (all failing: try one, never stall).
             layers = [busy | unhealthy | avoided, busy | unhealthy]
-            if not self.in_flight and not chosen:
+            if not self._busy and not chosen:
                 layers.append(busy)
             node = None
             for excluded in layers:
@@ -280,57 +328,65 @@ class Scheduler:
                 break
             busy.add(node)
             chosen.append(node)
-        if not chosen:
-            return []
-        if self.clock is not None:
-            self._learn_profiles(grid, chosen)
+        return chosen
+
+    def evaluate(
+        self, grid: Grid, nodes: Iterable[int], message_for: MessageBuilder
+    ) -> list[Task]:
+        """Send evaluate tasks to ``nodes`` (``message_for(node)`` builds each)."""
         messages, tasks = [], []
-        for node in chosen:
-            timing = self.clock.plan(node) if self.clock is not None else None
-            messages.append(build(node, self.seq))
+        for node in nodes:
+            message, version = message_for(node)
+            messages.append(message)
+            # seq -1: evaluate tasks take no train sequence number (task seeds).
             tasks.append(
-                Task("", node, base_version, self.seq, time.time(), self.now(), timing)
+                Task(EVALUATE, "", node, version, -1, time.time(), self.clock.now())
             )
-            self.seq += 1
+        return self._push(grid, messages, tasks)
+
+    def _push(
+        self, grid: Grid, messages: list[Message], tasks: list[Task]
+    ) -> list[Task]:
         started = []
         for message_id, task in zip(grid.push_messages(messages), tasks, strict=False):
             if message_id:
                 task.message_id = message_id
                 self.in_flight[message_id] = task
-                self._busy.add(task.node_id)
                 started.append(task)
             else:
-                log(WARNING, "Could not push a task to node %s", task.node_id)
+                log(
+                    WARNING,
+                    "Could not push a %s task to node %s",
+                    task.kind,
+                    task.node_id,
+                )
         return started
 
     # ---------------------------------------------------------- replies
-    def pull(self, grid: Grid) -> list[Message]:
-        """Collect available replies; return those that answer no task of ours."""
+    def poll(self, grid: Grid, timeout: float) -> list[Message]:
+        """Pull available replies and expire overdue tasks.
+
+        Returns the replies that answer no task of ours. A task without a reply
+        after ``timeout`` wall seconds becomes an outcome without one, ordered
+        like any other.
+        """
         waiting = [
             m
             for m in self.in_flight
             if m not in self._arrived and m not in self._expired
         ]
-        if not waiting:
-            return []
         unknown = []
-        for reply in grid.pull_messages(waiting):
-            reply_to = reply.metadata.reply_to_message_id
-            if (
-                reply_to in self.in_flight
-                and reply_to not in self._arrived
-                and reply_to not in self._expired
-            ):
-                self._arrived[reply_to] = reply
-            else:
-                unknown.append(reply)
-        return unknown
-
-    def expire(self, timeout: float) -> None:
-        """Mark tasks without a reply after ``timeout`` wall seconds as failed.
-
-        They become outcomes without a reply, ordered like any other.
-        """
+        if waiting:
+            for reply in grid.pull_messages(waiting):
+                reply_to = reply.metadata.reply_to_message_id
+                if (
+                    reply_to in self.in_flight
+                    and reply_to not in self._arrived
+                    and reply_to not in self._expired
+                ):
+                    self._arrived[reply_to] = reply
+                else:
+                    unknown.append(reply)
         now = time.time()
         for message_id, task in self.in_flight.items():
             if (
@@ -339,39 +395,43 @@ class Scheduler:
                 and now - task.sent_wall > timeout
             ):
                 self._expired.add(message_id)
+        return unknown
 
     def next_outcome(self) -> Outcome | None:
         """The next outcome that may be processed now, or ``None``.
 
-        With a clock, that is the ready task with the earliest simulated finish
-        (the steps it reports are charged), and only once no task still running
-        could finish before it. Without, the oldest arrival or expiry.
+        Evaluate outcomes first, as they arrived; then the train outcome the
+        clock picks (with a virtual clock: the earliest simulated finish, once
+        no running task could finish before it).
         """
-        # Arrival order: replies as pulled, then expiries.
-        ready = [*self._arrived, *(m for m in self.in_flight if m in self._expired)]
-        if not ready:
+        done = [*self._arrived, *(m for m in self.in_flight if m in self._expired)]
+        for message_id in done:
+            if self.in_flight[message_id].kind == EVALUATE:
+                return self._take(message_id, self.clock.now())
+        ready = [(self.in_flight[m], self._arrived.get(m)) for m in done]
+        running = [
+            t
+            for m, t in self.in_flight.items()
+            if t.kind == TRAIN and m not in self._arrived and m not in self._expired
+        ]
+        choice = self.clock.next_ready(ready, running)
+        if choice is None:
             return None
-        if self.clock is None:
-            message_id = ready[0]
-            finish = self.wall()
-        else:
-            finishes = {m: self._finish(m) for m in ready}
-            message_id = min(ready, key=lambda m: (finishes[m], self.in_flight[m].seq))
-            finish = finishes[message_id]
-            seq = self.in_flight[message_id].seq
-            for other, task in self.in_flight.items():
-                if other in finishes:
-                    continue
-                if (task.earliest_finish, task.seq) < (finish, seq):
-                    return None  # a running task may still finish first
-        task = self.in_flight.pop(message_id)
+        index, finish = choice
+        task = ready[index][0]
         self._busy.discard(task.node_id)
+        self.clock.settle(finish)
+        self.outcomes += 1
+        outcome = self._take(task.message_id, self.clock.now())
+        return Outcome(
+            task, outcome.reply, outcome.sim_time, self.clock.duration(task, finish)
+        )
+
+    def _take(self, message_id: str, sim_time: float) -> Outcome:
+        task = self.in_flight.pop(message_id)
         reply = self._arrived.pop(message_id, None)
         self._expired.discard(message_id)
-        self.sim_now = max(self.sim_now, finish) if self.clock else self.sim_now
-        self.outcomes += 1
-        duration = finish - task.sim_start if self.clock is not None else 0.0
-        return Outcome(task, reply, self.now(), duration)
+        return Outcome(task, reply, sim_time, 0.0)
 
     def _learn_profiles(self, grid: Grid, chosen: list[int]) -> None:
         """Ask ``chosen`` nodes without a profile for it, with those due next.
@@ -381,18 +441,16 @@ class Scheduler:
         nodes without a profile (which profiles are known never changes a
         selection: lazy profiles leave nodes in node-id order).
         """
-        assert self.clock is not None
-        known = self.clock.profiles
-        nodes = [n for n in chosen if n not in known]
+        nodes = self.clock.unprofiled(chosen)
         if not nodes:
             return
         asked = set(nodes)
-        for node in self.selector.upcoming(PROFILE_BATCH):
-            if len(nodes) >= PROFILE_BATCH:
-                break
-            if node not in known and node not in asked and node in self._node_set:
-                nodes.append(node)
-                asked.add(node)
+        upcoming = [
+            n
+            for n in self.clock.unprofiled(self.selector.upcoming(PROFILE_BATCH))
+            if n not in asked and n in self._node_set
+        ]
+        nodes += upcoming[: max(0, PROFILE_BATCH - len(nodes))]
         before = {n: self.label(n) for n in nodes}
         if not self.clock.register(grid, nodes):
             return
@@ -401,32 +459,22 @@ class Scheduler:
                 del self._by_label[old]
             self._by_label[self.label(node)] = node
 
-    def _finish(self, message_id: str) -> float:
-        task = self.in_flight[message_id]
-        if task.timing is None:
-            return task.sim_start
-        reply = self._arrived.get(message_id)
-        return task.sim_start + task.timing.charged(reported_steps(reply))
-
     def abandon(self) -> int:
-        """Forget every task in flight (end of run); return how many there were."""
-        count = len(self.in_flight)
-        self.in_flight.clear()
+        """Forget every train task in flight (end of run); return how many there were.
+
+        Evaluate tasks stay: the end of a run waits for them (bounded).
+        """
+        trains = [m for m, t in self.in_flight.items() if t.kind == TRAIN]
+        for message_id in trains:
+            del self.in_flight[message_id]
+            self._arrived.pop(message_id, None)
+            self._expired.discard(message_id)
         self._busy.clear()
-        self._arrived.clear()
-        self._expired.clear()
-        return count
+        return len(trains)
 
-
-def reported_steps(reply: Message | None) -> int | None:
-    """The ``steps`` metric of a successful reply, if it reports one."""
-    if reply is None or reply.has_error():
-        return None
-    for record in reply.content.metric_records.values():
-        value = record.get(STEPS)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return int(value)
-    return None
+    def evaluations_in_flight(self) -> int:
+        """Evaluate tasks still in flight."""
+        return sum(1 for t in self.in_flight.values() if t.kind == EVALUATE)
 
 
 def _some(nodes: Collection[int], limit: int = 10) -> str:
@@ -434,3 +482,14 @@ def _some(nodes: Collection[int], limit: int = 10) -> str:
     shown = sorted(nodes)[:limit]
     more = len(nodes) - len(shown)
     return f"{shown}" + (f" and {more} more" if more > 0 else "")
+
+
+__all__ = [
+    "EVALUATE",
+    "TRAIN",
+    "Outcome",
+    "Scheduler",
+    "Task",
+    "TaskFactory",
+    "train_slots",
+]
