@@ -201,12 +201,12 @@ def test_a_new_rule_is_one_class_plus_its_registration():
         AGGREGATORS._entries.pop("test-newest")
 
 
-def test_the_readme_rule_example_registers_and_takes_its_settings():
-    # Prepare: the README's "Adding an aggregation rule" code, as written there
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = readme.split("# my_project/newest.py\n", 1)[1].split("```", 1)[0]
+def test_the_documented_rule_example_registers_and_takes_its_settings():
+    # Prepare: docs/strategy.md's "Adding an aggregation rule" code, as written
+    doc = Path(__file__).resolve().parents[1] / "docs" / "strategy.md"
+    code = doc.read_text().split("# my_project/newest.py\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/strategy.md", "exec"), namespace)
     try:
         # Execute: as a strategy keyword (prefixed) and as an instance
         strategy = StalenessAwareAsyncStrategy(

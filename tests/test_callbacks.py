@@ -134,7 +134,8 @@ def test_early_stopping_on_a_metric_that_stops_improving():
     def evaluate(version, arrays):
         return MetricRecord({"acc": 0.9 - 0.1 * abs(version - 3)})
 
-    strategy = _strategy()
+    # inline evaluation: the stop takes effect at the evaluated version itself
+    strategy = _strategy(background_evaluation=False)
 
     # Execute
     strategy.start(
@@ -266,3 +267,10 @@ def test_mlflow_marks_a_failed_run_failed(tmp_path):
     run = MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert "boom" in run.data.tags["stop-reason"]
+
+
+def test_a_tracker_without_its_extra_says_which_to_install():
+    from afl_flwr.callbacks.base import import_extra
+
+    with pytest.raises(ImportError, match=r'pip install "afl-flwr\[tensorboard\]"'):
+        import_extra("surely_not_installed_module", "tensorboard")

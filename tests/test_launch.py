@@ -150,11 +150,10 @@ RUNBOOK = REPO / "docker" / "run-local-deployment.sh"
 
 
 def readme_deployment_command() -> list[str]:
-    """The runbook's arguments exactly as README.md's "Deployment" prints them."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Deployment", 1)[1]
+    """The runbook's arguments exactly as docs/deployment.md prints them."""
+    section = (REPO / "docs" / "deployment.md").read_text()
     match = re.search(r"docker/run-local-deployment\.sh (.*?)\n```", section, re.S)
-    assert match, "no runbook command in the README's Deployment section"
+    assert match, "no runbook command in docs/deployment.md"
     return shlex.split(match.group(1).replace("\\\n", " "))
 
 

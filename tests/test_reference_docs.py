@@ -46,3 +46,40 @@ def test_pyproject_lists_every_key_with_the_code_default():
     pyproject = tomllib.loads((DOCS.parent / "pyproject.toml").read_text())
     declared = pyproject["tool"]["flwr"]["app"]["config"]
     assert declared == AppConfig().to_run_config()
+
+
+def test_the_readme_quick_start_is_what_ci_and_make_run():
+    repo = DOCS.parent
+    readme = (repo / "README.md").read_text()
+    makefile = (repo / "Makefile").read_text()
+    ci = (repo / ".ci" / "run").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make run" in quick and "make test" in quick
+    # CI calls exactly the README's test command, which is the Makefile's
+    assert "\nmake test || exit 1\n" in ci
+    assert "`ruff check . && mypy afl_flwr && pytest`" in quick
+    test_target = makefile.split("\ntest: setup\n", 1)[1].splitlines()[0].strip()
+    assert test_target == "ruff check . && mypy afl_flwr && pytest"
+
+
+def test_the_readme_is_a_quick_start_and_guide_of_at_most_300_lines():
+    readme = (DOCS.parent / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    for link in ("docs/configuration.md", "docs/strategy.md", "docs/benchmarks.md"):
+        assert f"]({link}" in readme
+        assert (DOCS.parent / link).exists()
+
+
+def test_relative_links_in_the_readme_and_docs_point_to_files():
+    import re
+
+    repo = DOCS.parent
+    broken = []
+    for page in [repo / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.name}: {target}")
+    assert not broken

@@ -26,7 +26,7 @@ from afl_flwr.aggregators.fedasync import FedAsync, FedAsyncSettings
 from afl_flwr.aggregators.fedbuff import FedBuff, FedBuffSettings
 from afl_flwr.settings import SettingError
 
-# Names of the first release, kept as aliases.
+# Other names of fedbuff and fedasync, accepted as well.
 ALIASES = {"buffered": "fedbuff", "immediate": "fedasync"}
 
 

@@ -27,11 +27,7 @@ parameter ResNet-18 take 2.2 GB (``cache_dtype="float32"``: twice that). The sum
 ``sum_i h_i`` is kept in float32 and updated incrementally when an entry is
 replaced (``+= new - old``, both dequantised), so it always equals the sum of
 what is stored and ``h_bar`` costs one model-sized pass per merge, not ``N``.
-Measured effect of the float16 cache: the model differs from a float32-cache
-run by ``1.0e-4`` of the distance it moved (relative L2) after six merges of
-random deltas (``tests/test_ca2fl_fadas.py``), ``1.4e-4`` after 200, the same at
-delta scales ``1`` and ``1e-6``; unscaled float16 would be off by ~10% at
-``1e-6`` (float16's subnormal range).
+How close the float16 cache stays to float32 is measured in ``docs/design.md``.
 
 State arrays (BatchNorm statistics and counters, :mod:`afl_flwr.model_state`)
 are neither cached nor calibrated: they take the example-weighted average of the

@@ -17,6 +17,7 @@ pending work, such as a background evaluation, so the record is complete);
 when the run failed.
 """
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,17 @@ class CallbackList(Callback):
                 error = error or exc
         if error is not None:
             raise error
+
+
+def import_extra(module: str, extra: str) -> Any:
+    """Import ``module``, or explain which optional extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"this callback needs {module.split('.')[0]}: "
+            f'pip install "afl-flwr[{extra}]"'
+        ) from err
 
 
 def _first(stops: list[Stop | None]) -> Stop | None:

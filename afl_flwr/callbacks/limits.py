@@ -30,6 +30,10 @@ class TimeBudget(Callback):
 class EarlyStopping(Callback):
     """Stop when an evaluation metric has not improved for ``patience`` evaluations.
 
+    With background central evaluation (the strategy's default) the loop keeps
+    training while a version is evaluated, so the run may stop a version or two
+    after the one whose evaluation asked for it.
+
     Parameters
     ----------
     metric : str (default: "test-acc")

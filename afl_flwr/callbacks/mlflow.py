@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from afl_flwr.callbacks.base import Callback, RunView, Stop
+from afl_flwr.callbacks.base import Callback, RunView, Stop, import_extra
 from afl_flwr.history import Evaluation, UpdateEvent
 
 
@@ -50,14 +50,8 @@ class MLflow(Callback):
 
     def on_start(self, run: RunView, resumed: bool) -> None:
         """Create the MLflow run and log the parameters."""
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError as err:  # pragma: no cover - depends on the extra
-            raise ImportError(
-                "the MLflow callback needs mlflow-skinny: "
-                'pip install "afl-flwr[mlflow]"'
-            ) from err
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        tracking = import_extra("mlflow.tracking", "mlflow")
+        self._client = tracking.MlflowClient(tracking_uri=self.tracking_uri)
         found = self._client.get_experiment_by_name(self.experiment)
         experiment_id = (
             found.experiment_id

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from afl_flwr.callbacks.base import Callback, RunView, Stop
+from afl_flwr.callbacks.base import Callback, RunView, Stop, import_extra
 from afl_flwr.history import Evaluation, UpdateEvent
 
 
@@ -29,14 +29,9 @@ class TensorBoard(Callback):
 
     def on_start(self, run: RunView, resumed: bool) -> None:
         """Open the writer (and record the strategy's settings as text)."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:  # pragma: no cover - depends on the extra
-            raise ImportError(
-                "the TensorBoard callback needs the tensorboard package: "
-                'pip install "afl-flwr[tensorboard]"'
-            ) from err
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        import_extra("tensorboard", "tensorboard")
+        writer = import_extra("torch.utils.tensorboard", "tensorboard")
+        self._writer = writer.SummaryWriter(log_dir=str(self.log_dir))
         settings = "\n".join(f"{k}: {v}" for k, v in run.settings.items())
         self._writer.add_text("settings", settings, 0)
 

@@ -109,7 +109,8 @@ class SynchronousRounds:
                 "differential-privacy wrappers, or a custom workflow). Every round "
                 "waits for its slowest node and every update has staleness 0, so "
                 "this run is synchronous %s. Call start() on the strategy itself "
-                "for asynchronous training; for DP use afl_flwr.AsyncDPFixedClipping.",
+                "for asynchronous training; use client-side mods (e.g. "
+                "fixedclipping_mod) to combine it with clipping or DP.",
                 caller,
                 self.name,
             )
