@@ -2,7 +2,8 @@
 
 ``tests/foreign_app`` is a separate small Flower app whose ClientApp imports
 nothing from afl_flwr; its ServerApp uses ``StalenessAwareAsyncStrategy()`` with
-its defaults (concurrency 5, FedBuff, K = 5), like Flower's own ``FedAvg``.
+its defaults (FedAvg's: every connected node kept busy, federated evaluation on
+every node; FedBuff with K = the slots), like Flower's own ``FedAvg``.
 """
 
 import json
