@@ -216,6 +216,21 @@ class AppConfig:
     step_time_s: float = setting(
         0.01, "simulated seconds per optimizer step on the fastest client"
     )
+    # User-level differential privacy (async, fedbuff; afl_flwr.privacy).
+    dp_noise_multiplier: float = setting(
+        0.0,
+        "z of the Gaussian mechanism on every buffered release; `0` = DP off "
+        "(async, fedbuff only)",
+    )
+    dp_clipping_norm: float = setting(
+        1.0, "C: each update's delta (all weight arrays) is clipped to L2 norm C"
+    )
+    dp_target_delta: float = setting(
+        1e-5, "delta at which epsilon is reported (population = `num-clients`)"
+    )
+    dp_max_epsilon: float = setting(
+        0.0, "end the run before a release would exceed this epsilon; `0` = no limit"
+    )
     # Output and fault tolerance.
     results_dir: str = setting("results", "where results folders are written")
     checkpoint_every: int = setting(
@@ -393,6 +408,36 @@ class AppConfig:
                 "allowed: [0, 1]"
             )
         self._validate_rule_settings()
+        self._validate_privacy()
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether the run is differentially private (``dp-noise-multiplier > 0``)."""
+        return self.dp_noise_multiplier > 0
+
+    def _validate_privacy(self) -> None:
+        _non_negative("dp-noise-multiplier", self.dp_noise_multiplier)
+        _positive("dp-clipping-norm", self.dp_clipping_norm)
+        _non_negative("dp-max-epsilon", self.dp_max_epsilon)
+        if not 0.0 < self.dp_target_delta < 1.0:
+            raise ConfigError(
+                f"dp-target-delta={self.dp_target_delta} is out of range; "
+                "allowed: (0, 1)"
+            )
+        if not self.dp_enabled:
+            return
+        if self.mode != "async" or rule_class(self.aggregation).name != "fedbuff":
+            raise ConfigError(
+                f"dp-noise-multiplier={self.dp_noise_multiplier} needs mode='async' "
+                f"and aggregation='fedbuff' (got mode={self.mode!r}, aggregation="
+                f"{self.aggregation!r})"
+            )
+        if self.effective_buffer_size > self.num_clients:
+            raise ConfigError(
+                f"buffer-size={self.effective_buffer_size} exceeds num-clients="
+                f"{self.num_clients}: under DP a release needs that many distinct "
+                "clients"
+            )
 
     def _validate_rule_settings(self) -> None:
         """Each rule's own settings pass its checks; none is set for another rule."""

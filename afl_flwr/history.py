@@ -84,6 +84,13 @@ class RunHistory:
     stop_reason: str = ""  # why the run ended early ("" when it completed)
     # Wall seconds from the start to the first task (node profiles included).
     first_dispatch_wall: float = 0.0
+    # Under DP: (version, epsilon spent after that version's release).
+    privacy: list[tuple[int, float]] = field(default_factory=list)
+
+    def epsilon_at(self, version: int) -> float | None:
+        """Epsilon spent up to ``version`` (``None`` without DP accounting)."""
+        spent = [eps for v, eps in self.privacy if v <= version]
+        return spent[-1] if spent else (0.0 if self.privacy else None)
 
     def merged(self) -> list[UpdateEvent]:
         """Events whose update entered the global model."""
@@ -125,6 +132,7 @@ class RunHistory:
             abandoned=int(data.get("abandoned", 0)),
             stop_reason=str(data.get("stop_reason", "")),
             first_dispatch_wall=float(data.get("first_dispatch_wall", 0.0)),
+            privacy=[(int(v), float(e)) for v, e in data.get("privacy", [])],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,4 +145,5 @@ class RunHistory:
             "abandoned": self.abandoned,
             "stop_reason": self.stop_reason,
             "first_dispatch_wall": self.first_dispatch_wall,
+            "privacy": [list(p) for p in self.privacy],
         }

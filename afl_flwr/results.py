@@ -36,7 +36,8 @@ def eval_rows(history: RunHistory) -> list[dict[str, Any]]:
     Columns: version, client_updates, wall_time (when the version was
     installed), sim_time, test_loss, test_acc, mean_train_loss (of the updates
     merged since the previous evaluation), clients (their ids, space-separated)
-    and eval_seconds (the evaluation's own wall time).
+    and eval_seconds (the evaluation's own wall time); under DP, epsilon (spent
+    up to that version).
     """
     rows = []
     previous = -1
@@ -54,6 +55,11 @@ def eval_rows(history: RunHistory) -> list[dict[str, Any]]:
                 "mean_train_loss": float(np.mean(losses)) if losses else "",
                 "clients": " ".join(str(e.client) for e in merged),
                 "eval_seconds": round(point.eval_seconds, 4),
+                **(
+                    {"epsilon": history.epsilon_at(point.version)}
+                    if history.privacy
+                    else {}
+                ),
             }
         )
         previous = point.version
@@ -84,6 +90,7 @@ def summarize(history: RunHistory, concurrency: int | None = None) -> dict[str, 
         "abandoned_tasks": history.abandoned,
         "first_dispatch_wall": history.first_dispatch_wall,
         "utilisation": _utilisation(history, concurrency),
+        "epsilon": history.privacy[-1][1] if history.privacy else None,
     }
 
 

@@ -98,8 +98,10 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
     log(INFO, "Mode %s, model %s, dataset %s", cfg.mode, cfg.model, cfg.dataset)
     run_dir = new_run_dir(cfg.results_dir, cfg.mode)
     strategy: StalenessAwareAsyncStrategy | ClockedFedAvg
+    runner: Any
     if cfg.mode == "async":
         strategy = make_async_strategy(cfg, clock, run_dir / "checkpoint.npz")
+        runner = private(strategy, cfg) if cfg.dp_enabled else strategy
         if cfg.resume_from:
             version = strategy.resume_from(cfg.resume_from)
             log(INFO, "Resuming from %s (version %d)", cfg.resume_from, version)
@@ -116,8 +118,9 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
             min_evaluate_nodes=0,
             min_available_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),
         )
+        runner = strategy
     try:
-        result = strategy.start(
+        result = runner.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.num_server_rounds,
@@ -170,6 +173,30 @@ def make_async_strategy(
         eval_every=cfg.eval_every,
         max_reply_bytes=MAX_REPLY_BYTES,
         **cfg.strategy_keywords(),
+    )
+
+
+def private(strategy: StalenessAwareAsyncStrategy, cfg: AppConfig) -> Any:
+    """The strategy under user-level DP (``dp-*`` keys; population = num-clients)."""
+    from flwr.serverapp import PrivacyConfig, RdpAccountant
+    from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+
+    from afl_flwr.privacy import AsyncDPFixedClipping
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=cfg.dp_target_delta,
+            population_size=cfg.num_clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=cfg.dp_max_epsilon or None,
+        )
+    )
+    return AsyncDPFixedClipping(
+        strategy,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        clipping_norm=cfg.dp_clipping_norm,
+        accountant=accountant,
     )
 
 

@@ -59,6 +59,7 @@ def test_the_documented_presets_exist():
         "stragglers",
         "heterogeneous",
         "cross-device",
+        "dp-cross-device",
     }
 
 

@@ -57,6 +57,14 @@ SHARED_SETTINGS = (
 )
 
 
+class MergeRefused(RuntimeError):
+    """A rule will not merge what waits (e.g. a privacy budget would be exceeded).
+
+    The strategy ends the run cleanly with this message as its stop reason; the
+    model stays the last merged version.
+    """
+
+
 @dataclass(frozen=True)
 class Update:
     """One admitted client update, as an aggregator sees it.
@@ -217,6 +225,9 @@ class Aggregator(ABC):
     name: ClassVar[str] = ""
     needs_base: ClassVar[bool] = True
     Settings: ClassVar[type[RuleSettings]] = RuleSettings
+    # Whether a client may appear at most once per merge (a rule, not a
+    # preference: the scheduler then sends no task to a node whose update waits).
+    distinct_clients: ClassVar[bool] = False
 
     def __init__(self, settings: RuleSettings | None = None, **overrides: Any) -> None:
         base = self.Settings() if settings is None else settings
@@ -275,6 +286,10 @@ class Aggregator(ABC):
     def pending(self) -> Sequence[Update]:
         """Updates waiting for the next merge (none for immediate rules)."""
         return ()
+
+    def check_population(self, num_nodes: int) -> None:
+        """Raise ``ValueError`` when ``num_nodes`` cannot serve this rule (no-op)."""
+        return None
 
     def observe_population(self, num_clients: int) -> None:
         """The number of clients in the federation, told before each merge.

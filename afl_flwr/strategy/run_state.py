@@ -207,6 +207,10 @@ class RunState:
         if metrics is not None:
             self._unannounced.append(Evaluation(kind, point))
 
+    def record_privacy(self, version: int, epsilon: float) -> None:
+        """Epsilon spent after ``version``'s release (DP runs)."""
+        self.history.privacy.append((version, epsilon))
+
     def take_evaluations(self) -> list[Evaluation]:
         """Evaluations recorded since the last call (for callbacks)."""
         taken, self._unannounced = self._unannounced, []

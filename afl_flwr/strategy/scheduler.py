@@ -250,7 +250,11 @@ class Scheduler:
         return len(self._busy)
 
     def dispatch(
-        self, grid: Grid, factory: TaskFactory, avoid: Collection[int] = ()
+        self,
+        grid: Grid,
+        factory: TaskFactory,
+        avoid: Collection[int] = (),
+        exclude: Collection[int] = (),
     ) -> list[Task]:
         """Fill every free training slot with a task for an idle node.
 
@@ -262,6 +266,9 @@ class Scheduler:
             Builds each task's message; told of each successful push.
         avoid : Collection[int] (default: ())
             Nodes to pass over while another idle node is eligible.
+        exclude : Collection[int] (default: ())
+            Nodes that get no task now, whatever else is idle (a rule, e.g.
+            one update per client per DP release).
 
         Returns
         -------
@@ -280,7 +287,7 @@ class Scheduler:
                 len(self.nodes),
             )
             self._logged_capacity = True
-        chosen = self._choose(free, avoid)
+        chosen = self._choose(free, avoid, exclude)
         if not chosen:
             return []
         self._learn_profiles(grid, chosen)
@@ -308,8 +315,10 @@ class Scheduler:
             factory.started(task)
         return started
 
-    def _choose(self, free: int, avoid: Collection[int]) -> list[int]:
-        busy = set(self._busy)
+    def _choose(
+        self, free: int, avoid: Collection[int], exclude: Collection[int] = ()
+    ) -> list[int]:
+        busy = set(self._busy) | set(exclude)
         unhealthy = self.backed_off_nodes()
         avoided = set(avoid)
         chosen: list[int] = []

@@ -34,7 +34,13 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 
 from afl_flwr.aggregation import Params, staleness
-from afl_flwr.aggregators import ALIASES, Aggregator, Update, make_aggregator
+from afl_flwr.aggregators import (
+    ALIASES,
+    Aggregator,
+    MergeRefused,
+    Update,
+    make_aggregator,
+)
 from afl_flwr.callbacks.base import Callback, CallbackList, RunView, Stop
 from afl_flwr.callbacks.checkpoint import Checkpoint
 from afl_flwr.callbacks.evaluation import CentralEvaluation, EvaluateFn
@@ -678,6 +684,15 @@ class StalenessAwareAsyncStrategy(Strategy):
         ):
             self._rebuild_rule(slots)
         self.state.max_consecutive_failures = self._failure_limit(slots)
+        self.aggregator.check_population(len(self.scheduler.nodes))
+
+    def use_aggregator(self, aggregator: Aggregator) -> None:
+        """Run with ``aggregator`` from now on (a wrapper such as DP installs one)."""
+        self.aggregator = aggregator
+        self.aggregation = aggregator.name or type(aggregator).__name__
+        self._rule_name = None
+        self.store = ModelStore(keep_bases=aggregator.needs_base)
+        self.sync.aggregator = aggregator
 
     def _rebuild_rule(self, buffer_size: int) -> None:
         """K defaults to the slots sized when training starts (no concurrency)."""
@@ -702,8 +717,10 @@ class StalenessAwareAsyncStrategy(Strategy):
             if self._stop(callbacks.on_poll(run)) or self._announce(run, callbacks):
                 return
             scheduler.refresh(grid)
-            avoid = self._waiting_nodes() if self.distinct_buffer else set()
-            if scheduler.dispatch(grid, tasks, avoid):
+            waiting = self._waiting_nodes()
+            avoid = waiting if self.distinct_buffer else set()
+            exclude = waiting if self.aggregator.distinct_clients else set()
+            if scheduler.dispatch(grid, tasks, avoid, exclude):
                 self.state.dispatched(self.clock.wall())
             if not scheduler.in_flight:
                 log(INFO, "Waiting for nodes to connect...")
@@ -814,7 +831,11 @@ class StalenessAwareAsyncStrategy(Strategy):
         if not self.aggregator.add(update):
             return None
         self.aggregator.observe_population(len(self.scheduler.nodes))
-        self.store.advance(self.aggregator.merge(self.store.params))
+        try:
+            new = self.aggregator.merge(self.store.params)
+        except MergeRefused as refused:
+            return Stop(str(refused))
+        self.store.advance(new)
         merged = self.state.merged(self.version, self.train_metrics_aggr_fn)
         if federated.due(self.version, run.num_rounds):
             federated.send(grid, self.store, self.scheduler)
