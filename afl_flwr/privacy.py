@@ -259,9 +259,10 @@ class AsyncDPFixedClipping:
     Parameters
     ----------
     strategy : StalenessAwareAsyncStrategy
-        With ``aggregation="fedbuff"`` (use ``buffer_size=1`` for one-update
-        releases: FedAsync and the rules with a cache or moments, CA2FL and
-        FADAS, are refused).
+        With ``aggregation="fedbuff"`` and ``buffer_size`` (K, the release
+        size) or ``concurrency`` given, since K is fixed when the wrapper is
+        built (``buffer_size=1`` gives one-update releases; FedAsync and the
+        rules with a cache or moments, CA2FL and FADAS, are refused).
     noise_multiplier : float
         ``z``; 0 (with ``accountant=None``) clips only, for debugging.
     clipping_norm : float
