@@ -83,3 +83,15 @@ def test_relative_links_in_the_readme_and_docs_point_to_files():
             if not path.exists():
                 broken.append(f"{page.name}: {target}")
     assert not broken
+
+
+def test_the_readme_strategy_snippet_builds():
+    from afl_flwr.strategy import StalenessAwareAsyncStrategy
+
+    readme = (DOCS.parent / "README.md").read_text()
+    snippet = readme.split("```python\nStalenessAwareAsyncStrategy(", 1)[1]
+    snippet = "StalenessAwareAsyncStrategy(" + snippet.split("```", 1)[0]
+    strategy = eval(
+        snippet, {"StalenessAwareAsyncStrategy": StalenessAwareAsyncStrategy}
+    )
+    assert strategy.aggregator.buffer_size == 10
