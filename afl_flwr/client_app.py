@@ -38,6 +38,7 @@ from afl_flwr.config import AppConfig, ConfigError
 from afl_flwr.constants import (
     ARRAYS_KEY,
     CLIENT_DELAY,
+    CLIPPING_NORM_KEY,
     CONFIG_KEY,
     EPOCHS_RUN,
     EVAL_ACC,
@@ -53,6 +54,7 @@ from afl_flwr.constants import (
     STEPS,
     TASK_SEED,
     TRAIN_LOSS,
+    UNIT_WEIGHT,
 )
 from afl_flwr.data import get_dataset_spec
 from afl_flwr.models import get_model
@@ -90,7 +92,21 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
 
 def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
-    """Train the received model locally and reply with weights and metrics."""
+    """Train the received model locally and reply with weights and metrics.
+
+    A task whose config carries Flower's ``KEY_CLIPPING_NORM`` (client-side DP
+    clipping, ``dp-clipping = "client"``) goes through Flower's
+    ``fixedclipping_mod``: the reply's delta is clipped to that norm here.
+    """
+    config: Mapping[str, Any] = next(iter(msg.content.config_records.values()), {})
+    if CLIPPING_NORM_KEY in config:
+        from flwr.clientapp.mod import fixedclipping_mod
+
+        return fixedclipping_mod(msg, context, lambda m, c: _fit(m, c, cfg))
+    return _fit(msg, context, cfg)
+
+
+def _fit(msg: Message, context: Context, cfg: AppConfig) -> Message:
     entered = time.perf_counter()
     process_age, startup_cpu = _process_age_s(), time.process_time()
     partition_id = node_partition(context, cfg)
@@ -146,6 +162,8 @@ def train(msg: Message, context: Context, cfg: AppConfig) -> Message:
             STEPS: result.steps,
         }
     )
+    if config.get(UNIT_WEIGHT):
+        metrics[UNIT_WEIGHT] = 1.0
     content = RecordDict(
         {ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics}
     )

@@ -31,6 +31,7 @@ from afl_flwr.settings import ConfigError, SettingError, coerce, kebab, setting
 from afl_flwr.staleness import STALENESS_FUNCTIONS
 
 MODES = ("async", "sync")
+DP_CLIPPING_SIDES = ("server", "client")
 # How FedAvg (mode='sync') samples a round's nodes: the project's `selection`
 # policy (as the async strategy), or Flower's own sampler.
 SYNC_SELECTIONS = ("selector", "flower")
@@ -216,14 +217,20 @@ class AppConfig:
     step_time_s: float = setting(
         0.01, "simulated seconds per optimizer step on the fastest client"
     )
-    # User-level differential privacy (async, fedbuff; afl_flwr.privacy).
+    # User-level differential privacy (async: afl_flwr.privacy; sync: Flower's).
     dp_noise_multiplier: float = setting(
         0.0,
-        "z of the Gaussian mechanism on every buffered release; `0` = DP off "
-        "(async, fedbuff only)",
+        "z of the Gaussian mechanism on every release; `0` = DP off. async: "
+        "fedbuff only, K = buffer size; sync: Flower's "
+        "DifferentialPrivacyServerSideFixedClipping, K = clients-per-round",
     )
     dp_clipping_norm: float = setting(
         1.0, "C: each update's delta (all weight arrays) is clipped to L2 norm C"
+    )
+    dp_clipping: str = setting(
+        "server",
+        "`server`: the server clips every delta; `client`: clients clip their own "
+        "with Flower's fixedclipping_mod (the server still clips, a no-op then)",
     )
     dp_target_delta: float = setting(
         1e-5, "delta at which epsilon is reported (population = `num-clients`)"
@@ -418,6 +425,7 @@ class AppConfig:
     def _validate_privacy(self) -> None:
         _non_negative("dp-noise-multiplier", self.dp_noise_multiplier)
         _positive("dp-clipping-norm", self.dp_clipping_norm)
+        _choice("dp-clipping", self.dp_clipping, DP_CLIPPING_SIDES)
         _non_negative("dp-max-epsilon", self.dp_max_epsilon)
         if not 0.0 < self.dp_target_delta < 1.0:
             raise ConfigError(
@@ -426,11 +434,18 @@ class AppConfig:
             )
         if not self.dp_enabled:
             return
-        if self.mode != "async" or rule_class(self.aggregation).name != "fedbuff":
+        if self.mode == "sync":
+            if self.clients_per_round > self.num_clients:
+                raise ConfigError(
+                    f"clients-per-round={self.clients_per_round} exceeds num-clients="
+                    f"{self.num_clients}: under DP every round releases exactly "
+                    "that many distinct clients"
+                )
+            return
+        if rule_class(self.aggregation).name != "fedbuff":
             raise ConfigError(
-                f"dp-noise-multiplier={self.dp_noise_multiplier} needs mode='async' "
-                f"and aggregation='fedbuff' (got mode={self.mode!r}, aggregation="
-                f"{self.aggregation!r})"
+                f"dp-noise-multiplier={self.dp_noise_multiplier} with mode='async' "
+                f"needs aggregation='fedbuff' (got {self.aggregation!r})"
             )
         if self.effective_buffer_size > self.num_clients:
             raise ConfigError(

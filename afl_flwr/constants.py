@@ -16,6 +16,10 @@ BASE_VERSION = "base-version"
 CLIENT_DELAY = "delay"
 LOCAL_EPOCHS = "local-epochs"
 TASK_SEED = "task-seed"
+# Ask the client to reply UNIT_WEIGHT = 1 (Flower's accounted DP needs equal weights).
+UNIT_WEIGHT = "unit-weight"
+# Flower's KEY_CLIPPING_NORM: a client-side DP clipping norm (fixedclipping_mod).
+CLIPPING_NORM_KEY = "clipping_norm"
 
 # Metrics replied by clients.
 NUM_EXAMPLES = "num-examples"

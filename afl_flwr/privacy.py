@@ -26,14 +26,16 @@ equal weights and are **not** covered by the guarantee.
 
 import secrets
 from collections.abc import Mapping, Sequence
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+from flwr.app import ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
 try:
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
     from flwr.supercore.privacy_accounting import (
         GaussianPrivacyEvent,
         PrivacySpent,
@@ -56,6 +58,9 @@ from afl_flwr.aggregators.fedbuff import FedBuff, FedBuffSettings
 from afl_flwr.callbacks.base import Callback, RunView, Stop
 from afl_flwr.history import UpdateEvent
 from afl_flwr.model_state import average_state
+
+# A client-clipped delta may exceed C by float32 rounding of its re-sent weights.
+CLIP_RTOL = 1e-4
 
 
 def clip_delta(
@@ -98,6 +103,11 @@ class DPFedBuff(BufferedAggregator):
         Flower's accountant (e.g. ``RdpAccountant``); ``None`` accounts nothing.
     seed : int, optional (default: None)
         Seed of the noise; ``None`` draws one from :mod:`secrets`.
+    expect_clipped : bool (default: False)
+        Clients clip their own deltas (Flower's ``fixedclipping_mod``). The
+        server still clips, a no-op for a clipped delta, so the bound holds
+        whatever a client sends; a delta that arrives above ``C`` is counted
+        in ``unclipped_arrivals`` and logged.
     """
 
     name = "fedbuff-dp"
@@ -113,6 +123,7 @@ class DPFedBuff(BufferedAggregator):
         clipping_norm: float,
         accountant: Any = None,
         seed: int | None = None,
+        expect_clipped: bool = False,
     ) -> None:
         super().__init__(settings)
         if not noise_multiplier >= 0:
@@ -128,6 +139,8 @@ class DPFedBuff(BufferedAggregator):
         )
         self.releases = 0
         self.norms: list[float] = []
+        self.expect_clipped = expect_clipped
+        self.unclipped_arrivals = 0
 
     @property
     def std(self) -> float:
@@ -188,6 +201,17 @@ class DPFedBuff(BufferedAggregator):
         for update, base in zip(buffer, bases_of(buffer), strict=True):
             clipped, norm = clip_delta(update.params, base, floats, self.clipping_norm)
             self.norms.append(norm)
+            if self.expect_clipped and norm > self.clipping_norm * (1 + CLIP_RTOL):
+                self.unclipped_arrivals += 1
+                log(
+                    WARNING,
+                    "Client %s sent a delta of norm %.4g > C=%s although clipping "
+                    "is client-side (is fixedclipping_mod installed?); clipped on "
+                    "the server",
+                    update.client,
+                    norm,
+                    self.clipping_norm,
+                )
             factor = self.staleness_fn(update.staleness) / self.buffer_size
             for n in floats:
                 release[n] += release[n].dtype.type(factor) * clipped[n]
@@ -247,6 +271,9 @@ class DPFedBuff(BufferedAggregator):
         )
 
 
+CLIPPING_SIDES = ("server", "client")
+
+
 class AsyncDPFixedClipping:
     """User-level central DP with server-side fixed clipping, asynchronously.
 
@@ -271,6 +298,12 @@ class AsyncDPFixedClipping:
         Flower's accountant; it needs ``SamplingMethod.NO_AMPLIFICATION``.
     seed : int, optional (default: None)
         Noise seed for tests; ``None`` draws one from :mod:`secrets`.
+    clipping : {"server", "client"} (default: "server")
+        ``"client"``: every training task carries Flower's
+        ``KEY_CLIPPING_NORM`` so that clients with Flower's
+        ``fixedclipping_mod`` clip their own deltas (as under Flower's
+        ``DifferentialPrivacyClientSideFixedClipping``); the server clips as
+        well, so the guarantee never rests on the clients.
     """
 
     def __init__(
@@ -281,7 +314,12 @@ class AsyncDPFixedClipping:
         *,
         accountant: Any = None,
         seed: int | None = None,
+        clipping: str = "server",
     ) -> None:
+        if clipping not in CLIPPING_SIDES:
+            raise ValueError(
+                f"clipping={clipping!r}; allowed: {', '.join(CLIPPING_SIDES)}"
+            )
         if accountant is not None:
             if not noise_multiplier > 0:
                 raise ValueError(
@@ -311,7 +349,9 @@ class AsyncDPFixedClipping:
             clipping_norm=clipping_norm,
             accountant=accountant,
             seed=seed,
+            expect_clipped=clipping == "client",
         )
+        self.clipping = clipping
         strategy.use_aggregator(self.rule)
         log(
             INFO,
@@ -321,14 +361,34 @@ class AsyncDPFixedClipping:
             self.rule.std,
         )
 
-    def start(self, *args: Any, **kwargs: Any) -> Result:
+    # pylint: disable=too-many-arguments,too-many-positional-arguments
+    def start(
+        self,
+        grid: Any,
+        initial_arrays: Any,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        **kwargs: Any,
+    ) -> Result:
         """Run the wrapped strategy's asynchronous loop (its ``start``).
 
         Takes the strategy's ``start`` arguments; epsilon after every release is
         recorded in the run's history (``evals.csv``, ``summary.json``).
         """
         callbacks = [PrivacyLog(self.rule), *(kwargs.pop("callbacks", None) or ())]
-        return self.strategy.start(*args, callbacks=callbacks, **kwargs)
+        config = ConfigRecord(dict(train_config or {}))
+        if self.clipping == "client":
+            config[KEY_CLIPPING_NORM] = self.clipping_norm
+        return self.strategy.start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=config,
+            callbacks=callbacks,
+            **kwargs,
+        )
 
     def privacy_spent(self) -> PrivacySpent | None:
         """Cumulative privacy expenditure (Flower's ``PrivacySpent``), if accounted."""

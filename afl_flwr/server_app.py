@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from afl_flwr.client_app import build_model
 from afl_flwr.clock import VirtualClock
-from afl_flwr.config import AppConfig
+from afl_flwr.config import AppConfig, ConfigError
+from afl_flwr.constants import NUM_EXAMPLES, UNIT_WEIGHT
 from afl_flwr.data import load_central_testset
 from afl_flwr.history import RunHistory
+from afl_flwr.model_state import state_names
 from afl_flwr.results import TEST_ACC, TEST_LOSS, new_run_dir, write_results
 from afl_flwr.strategy import RunAbortedError, StalenessAwareAsyncStrategy
 from afl_flwr.sync_baseline import ClockedFedAvg
@@ -99,6 +101,8 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
     run_dir = new_run_dir(cfg.results_dir, cfg.mode)
     strategy: StalenessAwareAsyncStrategy | ClockedFedAvg
     runner: Any
+    train_config = ConfigRecord()
+    sync_kwargs: dict[str, Any] = {}
     if cfg.mode == "async":
         strategy = make_async_strategy(cfg, clock, run_dir / "checkpoint.npz")
         runner = private(strategy, cfg) if cfg.dp_enabled else strategy
@@ -117,16 +121,21 @@ def run(grid: Grid, cfg: AppConfig) -> RunOutcome:
             min_train_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),
             min_evaluate_nodes=0,
             min_available_nodes=min(cfg.clients_per_round, max(num_nodes, 1)),
+            weighted_by_key=UNIT_WEIGHT if cfg.dp_enabled else NUM_EXAMPLES,
         )
         runner = strategy
+        if cfg.dp_enabled:
+            train_config[UNIT_WEIGHT] = True
+            sync_kwargs["runner"] = flower_private(strategy, cfg, initial)
     try:
         result = runner.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.task_timeout,
-            train_config=ConfigRecord(),
+            train_config=train_config,
             evaluate_fn=evaluate_fn,
+            **sync_kwargs,
         )
     except RunAbortedError:
         # Record what happened before failing the run.
@@ -176,14 +185,12 @@ def make_async_strategy(
     )
 
 
-def private(strategy: StalenessAwareAsyncStrategy, cfg: AppConfig) -> Any:
-    """The strategy under user-level DP (``dp-*`` keys; population = num-clients)."""
+def make_accountant(cfg: AppConfig) -> Any:
+    """Flower's RDP accountant for the ``dp-*`` keys (population = num-clients)."""
     from flwr.serverapp import PrivacyConfig, RdpAccountant
     from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
-    from afl_flwr.privacy import AsyncDPFixedClipping
-
-    accountant = RdpAccountant(
+    return RdpAccountant(
         PrivacyConfig(
             target_delta=cfg.dp_target_delta,
             population_size=cfg.num_clients,
@@ -192,11 +199,63 @@ def private(strategy: StalenessAwareAsyncStrategy, cfg: AppConfig) -> Any:
             max_epsilon=cfg.dp_max_epsilon or None,
         )
     )
+
+
+def private(strategy: StalenessAwareAsyncStrategy, cfg: AppConfig) -> Any:
+    """The async strategy under user-level DP (K = the buffer size)."""
+    from afl_flwr.privacy import AsyncDPFixedClipping
+
     return AsyncDPFixedClipping(
         strategy,
         noise_multiplier=cfg.dp_noise_multiplier,
         clipping_norm=cfg.dp_clipping_norm,
-        accountant=accountant,
+        accountant=make_accountant(cfg),
+        clipping=cfg.dp_clipping,
+    )
+
+
+def flower_private(
+    strategy: ClockedFedAvg, cfg: AppConfig, initial: ArrayRecord
+) -> Any:
+    """FedAvg under Flower's own fixed-clipping DP wrapper.
+
+    ``DifferentialPrivacyServerSideFixedClipping``, or its client-side twin
+    with ``dp-clipping = "client"``: the same clipping norm, noise multiplier and
+    accountant as the async path, with K = ``clients-per-round`` (every round
+    samples exactly K nodes).
+
+    Raises
+    ------
+    ConfigError
+        If the model has state arrays (BatchNorm buffers, counters): Flower's
+        wrapper clips and noises every array, state included.
+    """
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    state = state_names(
+        dict(zip(initial.keys(), initial.to_numpy_ndarrays(), strict=True))
+    )
+    if state:
+        raise ConfigError(
+            f"mode='sync' with dp-noise-multiplier > 0 uses Flower's "
+            f"DifferentialPrivacyServerSideFixedClipping, which clips and noises "
+            f"every array; model={cfg.model!r} has state arrays "
+            f"({', '.join(sorted(state)[:3])}, ...): use mode='async'"
+        )
+    wrapper = (
+        DifferentialPrivacyClientSideFixedClipping
+        if cfg.dp_clipping == "client"
+        else DifferentialPrivacyServerSideFixedClipping
+    )
+    return wrapper(
+        strategy,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        clipping_norm=cfg.dp_clipping_norm,
+        num_sampled_clients=cfg.clients_per_round,
+        accountant=make_accountant(cfg),
     )
 
 

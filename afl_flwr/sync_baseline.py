@@ -11,7 +11,7 @@ both protocols pick clients by the same policy.
 """
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO
 from typing import Any
 
@@ -25,7 +25,7 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from afl_flwr.clock import Clock, TaskTiming, WallClock, reported_steps
 from afl_flwr.constants import NUM_EXAMPLES, TASK_SEED
@@ -33,6 +33,13 @@ from afl_flwr.history import CENTRAL, MERGED, REJECTED, EvalPoint, RunHistory
 from afl_flwr.replies import TrainReply
 from afl_flwr.selection import NodeSelector, make_selector
 from afl_flwr.strategy.run_state import RunState
+
+try:
+    from flwr.serverapp.exception import PrivacyBudgetExhausted
+except ImportError:  # pragma: no cover - Flower 1.40/1.41 have no accounted DP
+
+    class PrivacyBudgetExhausted(Exception):  # type: ignore[no-redef]
+        """Never raised: this Flower has no privacy accountant."""
 
 
 class ClockedFedAvg(FedAvg):
@@ -77,6 +84,8 @@ class ClockedFedAvg(FedAvg):
         self.eval_every = eval_every
         self.seed = seed
         self.state = _round_state(0)
+        self._round = 0
+        self.latest_arrays: ArrayRecord | None = None
         self._timings: dict[int, TaskTiming] = {}
         self._durations: dict[int, float] = {}
 
@@ -94,6 +103,8 @@ class ClockedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling (or the selector's), plus the round's duration."""
+        self._round = server_round
+        self.latest_arrays = arrays
         config[TASK_SEED] = self.seed * 100_003 + server_round
         if self.selector is None:
             messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -139,11 +150,14 @@ class ClockedFedAvg(FedAvg):
         )
         return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's aggregation, recording every reply in the history."""
-        replies = list(replies)
+    def record_round(self, replies: Sequence[Message]) -> None:
+        """Charge the round on the clock and record each of its replies.
+
+        Called by the grid :meth:`start` runs on, as the round's replies
+        arrive and before any aggregation (``aggregate_train`` stays
+        FedAvg's own, as Flower's accounted DP wrappers require).
+        """
+        server_round = self._round
         # A round lasts as long as its slowest client, each charged the steps it
         # reports (early stopping), as the asynchronous strategy charges them.
         self._durations = {
@@ -182,7 +196,6 @@ class ClockedFedAvg(FedAvg):
                 reply=TrainReply(params={}, num_examples=examples, metrics=metrics),
                 **common,
             )
-        return super().aggregate_train(server_round, replies)
 
     # pylint: disable=too-many-arguments,too-many-positional-arguments
     def start(
@@ -194,38 +207,110 @@ class ClockedFedAvg(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        runner: Strategy | None = None,
     ) -> Result:
-        """Run Flower's round loop, recording evaluations with their times."""
+        """Run Flower's round loop, recording rounds and evaluations with times.
+
+        Parameters
+        ----------
+        grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, \
+evaluate_fn
+            As for ``FedAvg.start``.
+        runner : Strategy, optional (default: None)
+            A Flower wrapper whose ``strategy`` is this one (for example
+            ``DifferentialPrivacyServerSideFixedClipping``): its round loop runs
+            instead of FedAvg's, on a grid that records each round here. With
+            an accountant, epsilon after every round goes into the history, and
+            when the next release would pass ``max_epsilon`` the run ends
+            cleanly: the result holds the model of the last release and the
+            stop reason says "privacy budget exhausted".
+        """
+        if runner is not None and getattr(runner, "strategy", None) is not self:
+            raise ValueError("runner must wrap this strategy (runner.strategy)")
+        loop: Callable[..., Result] = (
+            runner.start if runner is not None else super().start
+        )
         self.state = _round_state(num_rounds)
+        self.latest_arrays = initial_arrays
         self.clock.start()
+        evaluated: list[int] = []
 
         def recorded_evaluate(
             server_round: int, arrays: ArrayRecord
         ) -> MetricRecord | None:
+            self._record_privacy(runner, server_round)
             if server_round % self.eval_every and server_round != num_rounds:
                 return None
-            started = time.time()
-            metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            point = EvalPoint(
-                version=server_round,
-                wall_time=self.clock.wall(),
-                sim_time=self.clock.now(),
-                client_updates=self.state.merged_updates,
-                metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
-                eval_seconds=time.time() - started,
-            )
-            self.state.record_evaluation(CENTRAL, point, metrics)
-            return metrics
+            evaluated.append(server_round)
+            return self._evaluate(evaluate_fn, server_round, arrays)
 
-        return super().start(
-            grid,
-            initial_arrays,
-            num_rounds=num_rounds,
-            timeout=timeout,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=recorded_evaluate,
+        try:
+            return loop(
+                _RecordingGrid(grid, self),  # type: ignore[arg-type]
+                initial_arrays,
+                num_rounds=num_rounds,
+                timeout=timeout,
+                train_config=train_config,
+                evaluate_config=evaluate_config,
+                evaluate_fn=recorded_evaluate,
+            )
+        except PrivacyBudgetExhausted as exhausted:
+            released = self._round - 1
+            self.state.stop(f"privacy budget exhausted: {exhausted}")
+            result = self.state.result
+            result.arrays = self.latest_arrays
+            if released > 0 and (not evaluated or evaluated[-1] != released):
+                self._evaluate(evaluate_fn, released, result.arrays)
+            return result
+
+    def _evaluate(
+        self,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+        server_round: int,
+        arrays: ArrayRecord,
+    ) -> MetricRecord | None:
+        started = time.time()
+        metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
+        point = EvalPoint(
+            version=server_round,
+            wall_time=self.clock.wall(),
+            sim_time=self.clock.now(),
+            client_updates=self.state.merged_updates,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
+            eval_seconds=time.time() - started,
         )
+        self.state.record_evaluation(CENTRAL, point, metrics)
+        return metrics
+
+    def _record_privacy(self, runner: Strategy | None, server_round: int) -> None:
+        spent = getattr(runner, "privacy_spent", lambda: None)()
+        if spent is not None and server_round > 0:
+            self.state.record_privacy(server_round, float(spent.epsilon))
+
+
+class _RecordingGrid:
+    """A grid that hands each training round's replies to the strategy.
+
+    Everything else is the wrapped grid's own.
+    """
+
+    def __init__(self, grid: Grid, strategy: ClockedFedAvg) -> None:
+        self._grid = grid
+        self._strategy = strategy
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """The grid's ``send_and_receive``; a training round is recorded."""
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self._strategy.record_round(replies)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _round_state(num_rounds: int) -> RunState:

@@ -25,16 +25,14 @@ CIFAR-10 on a GPU box (downloads the data set; see docs/benchmarks.md)::
 import argparse
 import json
 import math
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from afl_flwr.experiments.runs import markdown_table, quiet_worker
+from afl_flwr.experiments.runs import markdown_table, run_pool
 from afl_flwr.experiments.stats import t_interval
 from afl_flwr.results import TEST_ACC, TEST_LOSS
 
@@ -237,23 +235,16 @@ def main() -> None:
         for method in args.methods
     ]
     started = time.time()
-    records = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        args.workers, context, initializer=quiet_worker, initargs=(args.threads,)
-    ) as pool:
-        futures = [pool.submit(run_job, job) for job in jobs]
-        for done, future in enumerate(as_completed(futures), start=1):
-            record = future.result()
-            records.append(record)
-            elapsed = time.time() - started
-            print(
-                f"[{done}/{len(jobs)}] {record['method']} seed {record['seed']}: "
-                f"final acc {record['evals'][-1]['acc']:.3f}, "
-                f"{record['wall_s']:.0f}s; elapsed {elapsed / 60:.1f} min, ETA "
-                f"{elapsed / done * (len(jobs) - done) / 60:.1f} min",
-                flush=True,
-            )
+    records = run_pool(
+        run_job,
+        jobs,
+        args.workers,
+        lambda r: (
+            f"{r['method']} seed {r['seed']}: final acc "
+            f"{r['evals'][-1]['acc']:.3f}, {r['wall_s']:.0f}s"
+        ),
+        torch_threads=args.threads,
+    )
     summary = summarise(records, args.seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

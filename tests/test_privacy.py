@@ -222,3 +222,63 @@ def test_a_buffer_larger_than_the_nodes_is_refused_at_start():
     dp = AsyncDPFixedClipping(strategy, 1.0, 1.0)
     with pytest.raises(ValueError, match="K=5 distinct clients"):
         dp.start(grid=_grid(3), initial_arrays=to_record(make_params(0)), num_rounds=2)
+
+
+def _plain_app(with_mod: bool):
+    """A foreign ClientApp whose update moves every weight by +1 (norm >> C)."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    app = ClientApp(mods=[fixedclipping_mod] if with_mod else [])
+
+    @app.train()
+    def train(msg, context):
+        arrays = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        keys = list(msg.content.array_records["arrays"].keys())
+        moved = ArrayRecord(
+            {k: Array(a + 1.0) for k, a in zip(keys, arrays, strict=True)}
+        )
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(RecordDict({"arrays": moved, "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+@pytest.mark.parametrize("with_mod", [True, False])
+def test_client_side_clipping_with_flowers_mod_and_the_server_check(with_mod):
+    from afl_flwr.experiments.scripted_grid import ScriptedGrid, clientapp_replies
+
+    # Prepare: a plain ClientApp with (or without) Flower's fixedclipping_mod
+    replies = clientapp_replies(_plain_app(with_mod), 3)
+    grid = ScriptedGrid(replies=replies, delays={1: 1, 2: 2, 3: 3})
+    strategy = _strategy(concurrency=3, buffer_size=2, staleness_fn="constant")
+    dp = AsyncDPFixedClipping(
+        strategy, noise_multiplier=0.0, clipping_norm=0.5, clipping="client"
+    )
+    x0 = make_params(0)
+
+    # Execute
+    result = dp.start(grid=grid, initial_arrays=to_record(x0), num_rounds=3)
+
+    # Assert: with the mod every delta arrives clipped (norm <= C); without it
+    # the server counts and clips them, so the model moves by <= C per release
+    norms = np.array(dp.rule.norms)
+    assert len(norms) == 6
+    if with_mod:
+        assert (norms <= 0.5 * (1 + 1e-4)).all()
+        assert dp.rule.unclipped_arrivals == 0
+    else:
+        assert (norms > 1.0).all()
+        assert dp.rule.unclipped_arrivals == 6
+    x3 = {k: a.numpy() for k, a in result.arrays.items()}
+    moved = np.sqrt(sum(np.sum((x3[k] - x0[k]) ** 2) for k in x0))
+    assert moved <= 3 * 0.5 * (1 + 1e-4)
+    assert moved > 0.5
+
+
+def test_an_unknown_clipping_side_is_refused():
+    with pytest.raises(ValueError, match="clipping='both'"):
+        AsyncDPFixedClipping(
+            _strategy(buffer_size=2), 1.0, 1.0, accountant=None, clipping="both"
+        )

@@ -5,7 +5,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,43 @@ import numpy as np
 
 from afl_flwr.config import AppConfig
 from afl_flwr.results import TEST_ACC
+
+
+def run_pool(
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    jobs: Sequence[dict[str, Any]],
+    workers: int,
+    describe: Callable[[dict[str, Any]], str],
+    *,
+    torch_threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Run ``fn`` on every job in a pool of ``workers`` spawned processes.
+
+    Each worker is set up by :func:`quiet_worker`; one line per finished job
+    (``describe(record)``, elapsed time and an ETA) is printed. Returns the
+    records in order of completion.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    started = time.time()
+    records = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, context, initializer=quiet_worker, initargs=(torch_threads,)
+    ) as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+        for done, future in enumerate(as_completed(futures), start=1):
+            record = future.result()
+            records.append(record)
+            elapsed = time.time() - started
+            eta = elapsed / done * (len(jobs) - done)
+            print(
+                f"[{done}/{len(jobs)}] {describe(record)}; elapsed "
+                f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
+                flush=True,
+            )
+    return records
 
 
 def quiet_worker(torch_threads: int = 1) -> None:
