@@ -19,6 +19,7 @@ from afl_flwr.aggregators import (
     AGGREGATORS,
     SHARED_SETTINGS,
     aggregation_names,
+    buffer_for_slots,
     rule_class,
     rule_keywords,
     setting_keyword,
@@ -104,7 +105,7 @@ class AppConfig:
         5, "async: nodes kept busy (concurrency); sync: clients per round"
     )
     num_server_rounds: int = setting(
-        30, "global model updates (versions); sync: rounds"
+        75, "global model updates (versions); sync: rounds"
     )
     eval_every: int = setting(
         2,
@@ -146,7 +147,7 @@ class AppConfig:
         "the rule: `fedbuff`, `fedasync`, `ca2fl`, `fadas` (see docs/strategy.md)",
     )
     buffer_size: int = setting(
-        0, "K updates per buffered merge; `0` = `clients-per-round`"
+        0, "K updates per buffered merge; `0` = half of `clients-per-round`, at least 1"
     )
     server_lr: float = setting(
         RULE_DEFAULT_LR,
@@ -253,8 +254,8 @@ class AppConfig:
 
     @property
     def effective_buffer_size(self) -> int:
-        """Buffer size K; ``buffer-size = 0`` means K = ``clients-per-round``."""
-        return self.buffer_size or self.clients_per_round
+        """Buffer size K; ``buffer-size = 0`` means half of ``clients-per-round``."""
+        return self.buffer_size or buffer_for_slots(self.clients_per_round)
 
     @classmethod
     def run_config_fields(cls) -> dict[str, Any]:

@@ -24,8 +24,12 @@ def constant(tau: int) -> float:
     return 1.0
 
 
-def polynomial(tau: int, a: float = 0.5) -> float:
-    """``s(tau) = (1 + tau)^-a``; ``a = 0.5`` is FedBuff's ``1/sqrt(1+tau)``."""
+def polynomial(tau: int, a: float = 1.0) -> float:
+    """``s(tau) = (1 + tau)^-a``; ``a = 0.5`` is FedBuff's ``1/sqrt(1+tau)``.
+
+    The default ``a = 1`` was chosen by benchmark v2's default tuning (tuning
+    seeds only; docs/benchmarks.md).
+    """
     return float((1.0 + tau) ** -a)
 
 
@@ -59,7 +63,7 @@ STALENESS_FUNCTIONS: dict[str, Callable[..., float]] = {
 
 
 def parameter_defaults(name: str) -> dict[str, float]:
-    """The parameters function ``name`` uses, with defaults (``{"a": 0.5}``)."""
+    """The parameters function ``name`` uses, with defaults (``{"a": 1.0}``)."""
     if name not in STALENESS_FUNCTIONS:
         allowed = ", ".join(sorted(STALENESS_FUNCTIONS))
         raise ValueError(f"Unknown staleness function '{name}'; allowed: {allowed}")

@@ -24,10 +24,8 @@ import argparse
 import hashlib
 import json
 import math
-import multiprocessing
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from afl_flwr.clock import NodeProfile, speed_factors
 from afl_flwr.config import AppConfig
 from afl_flwr.data import partition_sizes
 from afl_flwr.experiments.bound import async_rate_bound, completed_per_second
-from afl_flwr.experiments.runs import markdown_table, quiet_worker
+from afl_flwr.experiments.runs import markdown_table, run_pool
 from afl_flwr.experiments.stats import Interval, t_interval
 from afl_flwr.results import TEST_ACC
 
@@ -75,6 +73,27 @@ FEDAVG = "FedAvg"
 # CA2FL at the issue's suggested server-lr 1.0, kept beside the tuned one.
 CA2FL_UNTUNED = "CA2FL eta=1"
 AFL = "FedBuff"
+# The app's own defaults (AppConfig), with only the equal-work keys set: the row
+# a user who changes nothing gets. Marked as "default_method" in the JSON.
+DEFAULT = "Default"
+# Candidates for the app's default, tuned on TUNE_SEEDS only (--tune-default):
+# run-config overrides on top of the app's defaults, each written out in full
+# (the tuning ran when K = clients-per-round and a = 0.5 were the defaults;
+# "fedbuff K=C" is that old default).
+DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
+    "fedbuff K=C": {"aggregation": "fedbuff", "staleness-a": 0.5},
+    "fedbuff K=C/2": {"aggregation": "fedbuff", "buffer-size": 5, "staleness-a": 0.5},
+    "fedbuff K=C a=1": {"aggregation": "fedbuff", "staleness-a": 1.0},
+    "fedbuff K=C/2 a=1": {
+        "aggregation": "fedbuff",
+        "buffer-size": 5,
+        "staleness-a": 1.0,
+    },
+    "ca2fl K=C eta=0.3": {"aggregation": "ca2fl", "server-lr": 0.3},
+    "ca2fl K=C/2 eta=0.3": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.3},
+    "ca2fl K=C/2 eta=0.5": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.5},
+}
+TUNE_SEEDS = (100, 101, 102)
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,7 @@ class Size:
         "CA2FL",
         "FADAS",
         CA2FL_UNTUNED,
+        DEFAULT,
     )
     target_fraction: float = 0.9
     extra: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +173,13 @@ def method_overrides(method: str, size: Size) -> dict[str, Any]:
         "num-server-rounds": size.versions,
         "eval-every": size.eval_updates // k,
     }
+    if method == DEFAULT or method.startswith("candidate: "):
+        extra = (
+            DEFAULT_CANDIDATES[method.removeprefix("candidate: ")]
+            if (method != DEFAULT)
+            else {}
+        )
+        return {**app_default_work(size, extra), **extra}
     if method == FEDAVG:
         return {
             "mode": "sync",
@@ -199,6 +226,47 @@ def method_overrides(method: str, size: Size) -> dict[str, Any]:
             **no_delay_lr,
         }
     raise ValueError(f"Unknown method '{method}'")
+
+
+def default_rule() -> dict[str, Any]:
+    """The app's default rule, as run-config values (``0``/``-1``: the rule's own)."""
+    keys = (
+        "aggregation",
+        "buffer-size",
+        "server-lr",
+        "staleness-fn",
+        "staleness-a",
+        "staleness-b",
+        "max-staleness",
+        "lr-delay-alpha",
+    )
+    config = AppConfig().to_run_config()
+    return {k: config[k] for k in keys}
+
+
+def app_default_work(size: Size, extra: dict[str, Any]) -> dict[str, Any]:
+    """The app's defaults with the size's equal work: updates = versions x K.
+
+    Only the keys that fix the work are set (and ``buffer-size`` back to the
+    app's default unless ``extra`` sets it), so every other setting is the app's.
+    """
+    updates = size.versions * int(size.base["buffer-size"])
+    defaults = AppConfig()
+    k = AppConfig.from_run_config(
+        {
+            **size.base,
+            "buffer-size": extra.get("buffer-size", defaults.buffer_size),
+            **extra,
+        }
+    ).effective_buffer_size
+    if updates % k or size.eval_updates % k:
+        raise ValueError(f"K={k} does not divide the size's updates and evaluations")
+    return {
+        "mode": "async",
+        "buffer-size": defaults.buffer_size,
+        "num-server-rounds": updates // k,
+        "eval-every": size.eval_updates // k,
+    }
 
 
 # ------------------------------------------------------------------ one run
@@ -267,25 +335,16 @@ def rate_bound(cfg: AppConfig) -> float:
 
 def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     """Run jobs in a process pool, printing progress and an ETA."""
-    started = time.time()
-    records = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=quiet_worker) as pool:
-        futures = {pool.submit(run_job, job): job for job in jobs}
-        for done, future in enumerate(as_completed(futures), start=1):
-            record = future.result()
-            records.append(record)
-            elapsed = time.time() - started
-            eta = elapsed / done * (len(jobs) - done)
-            best = max(a for _, _, a in record["evals"])
-            print(
-                f"[{done}/{len(jobs)}] alpha {record['alpha']} | "
-                f"{record['scenario']} | {record['method']} | seed {record['seed']}: "
-                f"best acc {best:.3f}, run {record['wall_s']:.0f}s; "
-                f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
-                flush=True,
-            )
-    return records
+    return run_pool(
+        run_job,
+        jobs,
+        workers,
+        lambda r: (
+            f"alpha {r['alpha']} | {r['scenario']} | {r['method']} | seed "
+            f"{r['seed']}: best acc {max(a for _, _, a in r['evals']):.3f}, run "
+            f"{r['wall_s']:.0f}s"
+        ),
+    )
 
 
 def make_jobs(
@@ -315,7 +374,10 @@ def make_jobs(
                         "seed": seed,
                         **method_overrides(method, size),
                     }
-                    key = f"a{alpha}-{scenario}-{method}-s{seed}"
+                    digest = hashlib.sha1(
+                        json.dumps(overrides, sort_keys=True).encode()
+                    ).hexdigest()[:8]
+                    key = f"a{alpha}-{scenario}-{method}-s{seed}-{digest}"
                     key = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
                     overrides["results-dir"] = str(out / "runs" / key)
                     AppConfig.from_run_config(overrides)  # fail before any run
@@ -501,22 +563,60 @@ def targets(cells: dict[str, Any]) -> list[str]:
         afl = next((a for a in (AFL, "AFL (paper)") if a in m), None)
         if afl is None or FEDAVG not in m:
             continue
-        speed = ci(m[afl]["speedup"])
         best = paired(m[afl]["best_acc"], m[FEDAVG]["best_acc"])
         assert best is not None
-        speed_text = (
-            f"{speed.mean:.2f}x [{speed.low:.2f}, {speed.high:.2f}] -> "
-            f"{'MET' if speed.mean >= 3.3 and speed.low > 2 else 'MISSED'} "
-            "(needs mean >= 3.3x, lower end > 2x)"
-            if speed
-            else "not comparable (a seed missed the target)"
-        )
+        speed_text = straggler_speedup(m[afl]["speedup"])
         lines.append(
             f"- {name}: AFL ({afl}) vs FedAvg time to target: {speed_text}; best "
             f"accuracy AFL - FedAvg = {100 * best.mean:+.2f} pp "
             f"[{100 * best.low:+.2f}, {100 * best.high:+.2f}] -> "
             f"{'MET' if best.mean >= -0.01 else 'MISSED'} (needs within 1 pp)"
         )
+    return lines
+
+
+def straggler_speedup(speedups: list[Any]) -> str:
+    """The straggler cells' time-to-target bar, checked on per-seed speedups."""
+    speed = ci(speedups)
+    if speed is None:
+        missed = sum(v is None for v in speedups)
+        return f"not comparable ({missed} seed(s) missed the target)"
+    verdict = "MET" if speed.mean >= 3.3 and speed.low > 2 else "MISSED"
+    return (
+        f"{speed.mean:.2f}x [{speed.low:.2f}, {speed.high:.2f}] -> {verdict} "
+        "(needs mean >= 3.3x, lower end > 2x)"
+    )
+
+
+def default_targets(cells: dict[str, Any]) -> list[str]:
+    """Issue 20's targets for the app's default rule, on the measured seeds."""
+    lines = []
+    for name, cell in cells.items():
+        m = cell["methods"]
+        if DEFAULT not in m or FEDAVG not in m:
+            continue
+        speed = ci(m[DEFAULT]["speedup"])
+        missed = sum(v is None for v in m[DEFAULT]["speedup"])
+        if cell["scenario"] == STRAGGLERS:
+            best = paired(m[DEFAULT]["best_acc"], m[FEDAVG]["best_acc"])
+            assert best is not None
+            speed_text = straggler_speedup(m[DEFAULT]["speedup"])
+            lines.append(
+                f"- {name}: {DEFAULT} vs FedAvg time to target {speed_text}; best "
+                f"accuracy {DEFAULT} - FedAvg = {100 * best.mean:+.2f} pp "
+                f"[{100 * best.low:+.2f}, {100 * best.high:+.2f}] -> "
+                f"{'MET' if best.mean >= -0.01 else 'MISSED'} (needs within 1 pp)"
+            )
+        else:
+            lines.append(
+                f"- {name}: {DEFAULT} vs FedAvg time to target "
+                + (
+                    f"{speed.mean:.2f}x [{speed.low:.2f}, {speed.high:.2f}] -> "
+                    f"{'MET' if speed.low > 1 else 'MISSED'} (needs the interval > 1)"
+                    if speed
+                    else f"not comparable ({missed} seed(s) missed the target)"
+                )
+            )
     return lines
 
 
@@ -605,7 +705,7 @@ def report(
         "tasks per simulated second) over FedAvg's measured rate, so measured/bound "
         f"<= 1 always. {runs} runs, {timing}.\n"
     )
-    lines = targets(cells)
+    lines = targets(cells) + default_targets(cells)
     text = (
         f"# Benchmark v2 ({size_name})\n\n"
         + table(cells)
@@ -617,6 +717,8 @@ def report(
         json.dumps(
             {
                 "size": size_name,
+                "default_method": DEFAULT,
+                "default_rule": default_rule(),
                 "base": size.base,
                 "versions": size.versions,
                 "eval_updates": size.eval_updates,
@@ -680,6 +782,68 @@ def tune(base: dict[str, Any], out: Path, workers: int) -> str:
     return text
 
 
+def tune_default(base: dict[str, Any], out: Path, workers: int) -> str:
+    """Rank the default's candidates on TUNE_SEEDS (never evaluation seeds).
+
+    Every candidate (:data:`DEFAULT_CANDIDATES`) and FedAvg run on all four
+    cells of the quick size at each tuning seed. Rule, fixed before any run:
+    among the candidates whose mean speedup over FedAvg (time to the cell's
+    target, per seed) is >= 3.3 in both straggler cells and > 1 in every cell,
+    pick the one with the largest worst-cell mean gap in best accuracy to
+    FedAvg; with none eligible, the largest worst-cell gap overall.
+    """
+    size = Size(**{**SIZES["quick"].__dict__, "seeds": TUNE_SEEDS})
+    methods = [FEDAVG, *(f"candidate: {name}" for name in DEFAULT_CANDIDATES)]
+    records = run_all(make_jobs(size, base, out, methods=methods), workers)
+    cells = per_seed(records, size)
+    rows, scores = [], {}
+    for name in DEFAULT_CANDIDATES:
+        method = f"candidate: {name}"
+        gaps, speedups, eligible = [], [], True
+        for cell in cells.values():
+            ours, theirs = cell["methods"][method], cell["methods"][FEDAVG]
+            gap = float(np.mean(ours["best_acc"]) - np.mean(theirs["best_acc"]))
+            times = [v if v is not None else 0.0 for v in ours["speedup"]]
+            speedup = float(np.mean(times))
+            gaps.append(gap)
+            speedups.append(speedup)
+            needed = 3.3 if cell["scenario"] == STRAGGLERS else 1.0
+            eligible &= speedup >= needed if needed > 1 else speedup > needed
+        scores[name] = (eligible, min(gaps))
+        rows.append(
+            [
+                name,
+                *(
+                    f"{g * 100:+.1f} pp / {x:.2f}x"
+                    for g, x in zip(gaps, speedups, strict=True)
+                ),
+                f"{min(gaps) * 100:+.1f} pp",
+                "yes" if eligible else "no",
+            ]
+        )
+    chosen = max(scores, key=lambda n: (scores[n][0], scores[n][1]))
+    text = (
+        f"# Choosing the default rule (quick size, tuning seeds {list(TUNE_SEEDS)}; "
+        "never evaluation seeds)\n\n"
+        "`python benchmarks/benchmark_v2.py --tune-default --data-dir "
+        "../shared/data/mnist`\n\n"
+        "Each cell: mean best-accuracy gap to FedAvg / mean speedup to the cell's "
+        "target (a seed that misses counts 0). Eligible: speedup >= 3.3 in both "
+        "straggler cells and > 1 in every cell. Chosen: the eligible candidate "
+        "with the largest worst-cell gap (rule fixed before the runs).\n\n"
+        + markdown_table(["candidate", *cells.keys(), "worst gap", "eligible"], rows)
+        + f"\nChosen: **{chosen}** ({DEFAULT_CANDIDATES[chosen]}).\n"
+    )
+    (out.parent / "benchmark_v2_default_tuning.md").write_text(text)
+    (out.parent / "benchmark_v2_default_tuning.json").write_text(
+        json.dumps(
+            {"candidates": DEFAULT_CANDIDATES, "chosen": chosen, "cells": cells},
+            indent=1,
+        )
+    )
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
@@ -687,6 +851,11 @@ def main() -> None:
     group.add_argument("--full", action="store_true", help="GPU-box size")
     group.add_argument("--paper", action="store_true", help="the paper's setting")
     group.add_argument("--tune", action="store_true", help="tune FADAS's, CA2FL's eta")
+    group.add_argument(
+        "--tune-default",
+        action="store_true",
+        help="rank the app-default candidates on the tuning seeds",
+    )
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--workers", type=int, default=2)
@@ -699,6 +868,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--report-only", action="store_true", help="tabulate cached runs only"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="run and tabulate only these methods (e.g. FedAvg Default "
+        "'candidate: fedbuff K=C'); written to their own files",
     )
     args = parser.parse_args()
     size_name = "full" if args.full else "paper" if args.paper else "quick"
@@ -713,9 +889,20 @@ def main() -> None:
     if user:  # runs of another config never share a cache
         digest = hashlib.sha1(json.dumps(user, sort_keys=True).encode()).hexdigest()
         size_name = f"{size_name}_{digest[:8]}"
+    if args.methods:
+        size = Size(**{**size.__dict__, "methods": tuple(args.methods)})
+        digest = hashlib.sha1(" ".join(args.methods).encode()).hexdigest()
+        report_name = f"{size_name}_methods_{digest[:8]}"
+    else:
+        report_name = size_name
     work = out / f"benchmark_v2_{size_name}_runs"
     if args.tune:
         print(tune(base, work, args.workers))
+        return
+    if args.tune_default:
+        print(
+            tune_default(base, out / "benchmark_v2_default_tuning_runs", args.workers)
+        )
         return
     jobs = make_jobs(size, base, work, user)
     started = time.time()
@@ -729,7 +916,7 @@ def main() -> None:
     else:
         records = run_all(jobs, args.workers)
     wall = None if args.report_only else time.time() - started
-    print(report(records, size_name, size, out, wall))
+    print(report(records, report_name, size, out, wall))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def overrides(method: str, args: argparse.Namespace, seed: int) -> dict[str, Any
         "model": "resnet20",
         "num-clients": args.clients,
         "clients-per-round": args.concurrency,
+        # K = concurrency: a version is one FedAvg round's client work.
+        "buffer-size": args.concurrency,
         "num-server-rounds": args.versions,
         "local-epochs": args.local_epochs,
         "eval-every": 1,

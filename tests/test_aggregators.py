@@ -217,10 +217,10 @@ def test_the_documented_rule_example_registers_and_takes_its_settings():
         rule.add(_update(client, None, 3))
         new = rule.merge(x)
 
-        # Assert: damping 0.3 times s(3) = 0.3 / 2 of the way to the client
+        # Assert: damping 0.3 times s(3) = 1 / (1 + 3) of the way to the client
         assert rule.settings.damping == 0.3
         for name in x:
-            expected = x[name] + 0.15 * (client[name] - x[name])
+            expected = x[name] + 0.3 * 0.25 * (client[name] - x[name])
             np.testing.assert_allclose(new[name], expected, rtol=1e-5)
         with pytest.raises(ValueError, match="damped_newest_damping=0"):
             StalenessAwareAsyncStrategy(

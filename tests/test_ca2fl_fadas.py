@@ -406,6 +406,7 @@ def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
     path = tmp_path / "ck.npz"
     first = StalenessAwareAsyncStrategy(
         concurrency=3,
+        buffer_size=3,
         aggregation=aggregation,
         server_lr=0.5,
         checkpoint_every=2,
@@ -420,7 +421,11 @@ def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
         num_rounds=4,
     )
     second = StalenessAwareAsyncStrategy(
-        concurrency=3, aggregation=aggregation, server_lr=0.5, poll_interval=0.0
+        concurrency=3,
+        buffer_size=3,
+        aggregation=aggregation,
+        server_lr=0.5,
+        poll_interval=0.0,
     )
     assert second.resume_from(path) == 4
     resumed = second.start(

@@ -26,6 +26,7 @@ def _grid(**kwargs) -> FakeGrid:
 
 
 def _strategy(**kwargs) -> StalenessAwareAsyncStrategy:
+    kwargs.setdefault("buffer_size", 2)  # K = concurrency: 2 updates per version
     return StalenessAwareAsyncStrategy(concurrency=2, poll_interval=0.0, **kwargs)
 
 

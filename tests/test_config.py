@@ -96,7 +96,8 @@ def test_to_run_config_round_trips() -> None:
     assert AppConfig.from_run_config(run_config) == config
 
 
-@pytest.mark.parametrize(("buffer_size", "expected"), [(0, 5), (3, 3), (9, 9)])
+# buffer-size 0: half of the 5 default slots
+@pytest.mark.parametrize(("buffer_size", "expected"), [(0, 2), (3, 3), (9, 9)])
 def test_effective_buffer_size(buffer_size: int, expected: int) -> None:
     # Prepare
     config = AppConfig.from_run_config(

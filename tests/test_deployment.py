@@ -206,7 +206,7 @@ def test_insecure_deployment_trains_three_partitions_asynchronously(tmp_path):
         free_port_block(3),
         3,
         # clock='none': merge in arrival order, skipping the profile queries.
-        "num-server-rounds=6 clients-per-round=2 clock='none'",
+        "num-server-rounds=6 clients-per-round=2 buffer-size=2 clock='none'",
         tls=False,
     )
 
@@ -321,7 +321,8 @@ def test_run_completes_after_a_supernode_is_killed_mid_run(tmp_path):
         nodes,
         # A task timeout above a task's duration on a busy 2-core machine (10-35 s):
         # a shorter one also expires live nodes' tasks, which then queue up.
-        "num-server-rounds=3 clients-per-round=2 clock='none' task-timeout=40",
+        "num-server-rounds=3 clients-per-round=2 buffer-size=2 clock='none' "
+        "task-timeout=40",
         tls=False,
     )
 

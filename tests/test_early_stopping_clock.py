@@ -60,7 +60,7 @@ def test_early_stopping_ends_jobs_early_and_the_clock_charges_steps_run(mnist_di
         min_epochs=cfg.patience + 1,
     )
     strategy = StalenessAwareAsyncStrategy(
-        concurrency=2, clock=clock, poll_interval=0.0
+        concurrency=2, buffer_size=2, clock=clock, poll_interval=0.0
     )
     initial = {k: v.numpy() for k, v in build_model(cfg).state_dict().items()}
 

@@ -48,7 +48,8 @@ def test_afl_flwr_run_through_local_superlink(tmp_path, mnist_dir):
     results = tmp_path / "results"
     run_config = (
         f"data-dir='{mnist_dir}' results-dir='{results}' num-clients=3 "
-        "clients-per-round=2 num-server-rounds=3 local-epochs=1 model='small-cnn'"
+        "clients-per-round=2 buffer-size=2 num-server-rounds=3 local-epochs=1 "
+        "model='small-cnn'"
     )
     try:
         proc = run_bounded(

@@ -357,10 +357,13 @@ def test_without_replacement_state_round_trips_mid_pass():
 
 
 def test_large_federation_run_merges_and_dispatches_through_the_strategy():
-    # Prepare: 2,000 nodes, FedBuff defaults, lazy profiles
+    # Prepare: 2,000 nodes, FedBuff with K = concurrency, lazy profiles
     grid = _grid(2000)
     strategy = StalenessAwareAsyncStrategy(
-        concurrency=8, clock=_clock("first-dispatch"), poll_interval=0.0
+        concurrency=8,
+        buffer_size=8,
+        clock=_clock("first-dispatch"),
+        poll_interval=0.0,
     )
 
     # Execute

@@ -61,7 +61,7 @@ def test_value_matches_hand_computation(
 @pytest.mark.parametrize(
     ("name", "tau", "expected"),
     [
-        ("polynomial", 3, 0.5),  # FedBuff's 1/sqrt(1 + tau)
+        ("polynomial", 3, 0.25),  # 1 / (1 + tau), chosen by the default tuning
         ("hinge", 5, 1.0 / 11.0),  # FedAsync's a = 10, b = 4
         ("exponential", 2, math.e**-1),  # b = 0.5
         ("inverse", 20, 0.5),  # the paper's code: 1 / (1 + 0.05 * 20)
@@ -80,7 +80,7 @@ def test_each_function_has_its_own_default_parameters(
 
 def test_defaults_are_declared_per_function() -> None:
     assert parameter_defaults("constant") == {}
-    assert parameter_defaults("polynomial") == {"a": 0.5}
+    assert parameter_defaults("polynomial") == {"a": 1.0}
     assert parameter_defaults("hinge") == {"a": 10.0, "b": 4.0}
     assert parameter_defaults("exponential") == {"b": 0.5}
     assert parameter_defaults("inverse") == {"b": 0.05}

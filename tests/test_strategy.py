@@ -43,7 +43,8 @@ def test_zero_staleness_buffered_equals_fedavg_exactly():
         return reply_content(client_models[node], examples[node])
 
     grid = FakeGrid(replies={n: reply for n in (1, 2, 3)}, delays={1: 1, 2: 1, 3: 1})
-    strategy = StalenessAwareAsyncStrategy(concurrency=3, seed=1)
+    # K = concurrency (the default is half the slots): FedBuff's FedAvg case
+    strategy = StalenessAwareAsyncStrategy(concurrency=3, buffer_size=3, seed=1)
 
     # Execute
     result = run(strategy, grid, x0, num_rounds=1)
@@ -64,7 +65,7 @@ def test_sync_interface_equals_fedavg():
     x0 = make_params(0)
     models = {n: make_params(20 + n) for n in (1, 2)}
     grid = FakeGrid(replies={n: shift_by(0) for n in (1, 2)})
-    strategy = StalenessAwareAsyncStrategy(concurrency=2)
+    strategy = StalenessAwareAsyncStrategy(concurrency=2, buffer_size=2)
 
     # Execute: Flower's round-loop interface
     messages = list(strategy.configure_train(1, to_record(x0), ConfigRecord(), grid))

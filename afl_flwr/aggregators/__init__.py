@@ -50,6 +50,15 @@ def rule_keywords(name: str) -> dict[str, str]:
     return {setting_keyword(cls.name, f.name): f.name for f in cls.setting_fields()}
 
 
+def buffer_for_slots(slots: int) -> int:
+    """The default buffer size ``K`` for ``slots`` training slots: half, at least 1.
+
+    Chosen by benchmark v2's default tuning (tuning seeds only; see
+    docs/benchmarks.md): K = slots / 2 beat K = slots there.
+    """
+    return max(1, slots // 2)
+
+
 def make_aggregator(
     name: str,
     keywords: Mapping[str, Any] | None = None,

@@ -165,7 +165,7 @@ class StalenessSettings(RuleSettings):
         return make_staleness_fn(self.staleness_fn, self.staleness_a, self.staleness_b)
 
     def describe_staleness(self) -> str:
-        """``polynomial(a=0.5)``: the function and the parameters in effect."""
+        """``polynomial(a=1.0)``: the function and the parameters in effect."""
         if callable(self.staleness_fn):
             return getattr(self.staleness_fn, "__name__", repr(self.staleness_fn))
         return describe(self.staleness_fn, self.staleness_a, self.staleness_b)

@@ -41,7 +41,7 @@ class FedAsync(Aggregator):
     settings : FedAsyncSettings, optional (default: None)
         ``mixing_rate`` (``a``, default 0.5) and ``staleness_fn`` /
         ``staleness_a`` / ``staleness_b`` (default ``polynomial`` with
-        ``a = 0.5``); also accepted as keywords.
+        ``a = 1``); also accepted as keywords.
     """
 
     name = "fedasync"

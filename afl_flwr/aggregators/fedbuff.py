@@ -47,7 +47,7 @@ class FedBuff(BufferedAggregator):
     settings : FedBuffSettings, optional (default: None)
         ``buffer_size`` (``K``, default 5), ``server_lr`` (``eta_g``, default
         1.0), ``staleness_fn`` / ``staleness_a`` / ``staleness_b`` (default
-        ``polynomial`` with ``a = 0.5``); also accepted as keywords.
+        ``polynomial`` with ``a = 1``); also accepted as keywords.
     """
 
     name = "fedbuff"

@@ -39,6 +39,7 @@ from afl_flwr.aggregators import (
     Aggregator,
     MergeRefused,
     Update,
+    buffer_for_slots,
     make_aggregator,
 )
 from afl_flwr.callbacks.base import Callback, CallbackList, RunView, Stop
@@ -184,8 +185,9 @@ class StalenessAwareAsyncStrategy(Strategy):
         The aggregation rule, by registered name or as an instance (whose own
         settings then apply: passing rule settings too is an error).
     buffer_size : int, optional (default: None)
-        Updates per buffered merge ``K``; ``None`` means the training slots
-        (``concurrency``, or those sized when the first task is sent).
+        Updates per buffered merge ``K``; ``None`` means half the training
+        slots, at least 1 (``concurrency``, or the slots sized when the first
+        task is sent; :func:`~afl_flwr.aggregators.buffer_for_slots`).
     server_lr : float, optional (default: None)
         Server learning rate of buffered rules; ``None`` means the rule's own
         default (1.0 for fedbuff and ca2fl, 1e-3 for fadas).
@@ -197,7 +199,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         one (fedbuff, fedasync); ``None`` means ``polynomial``.
     staleness_a, staleness_b : float, optional (default: None)
         Parameters of the staleness function; ``None`` means the function's own
-        default (polynomial ``a = 0.5``; hinge ``a = 10, b = 4``; exponential
+        default (polynomial ``a = 1``; hinge ``a = 10, b = 4``; exponential
         ``b = 0.5``; inverse ``b = 0.05``).
     state_keys : Collection[str] or callable, optional (default: None)
         Which arrays are state, not weights: a collection of names, or a
@@ -342,7 +344,9 @@ class StalenessAwareAsyncStrategy(Strategy):
             self.aggregator = make_aggregator(
                 aggregation,
                 self._rule_keywords,
-                default_buffer_size=concurrency or max(min_train_nodes, 1),
+                default_buffer_size=buffer_for_slots(
+                    concurrency or max(min_train_nodes, 1)
+                ),
             )
         self.aggregation = self.aggregator.name or type(self.aggregator).__name__
         self.state_keys = state_keys
@@ -680,9 +684,9 @@ class StalenessAwareAsyncStrategy(Strategy):
             self._rule_name is not None
             and self.concurrency is None
             and "buffer_size" not in self._rule_keywords
-            and getattr(self.aggregator, "buffer_size", slots) != slots
+            and getattr(self.aggregator, "buffer_size", None) != buffer_for_slots(slots)
         ):
-            self._rebuild_rule(slots)
+            self._rebuild_rule(buffer_for_slots(slots))
         self.state.max_consecutive_failures = self._failure_limit(slots)
         self.aggregator.check_population(len(self.scheduler.nodes))
 
@@ -695,7 +699,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         self.sync.aggregator = aggregator
 
     def _rebuild_rule(self, buffer_size: int) -> None:
-        """K defaults to the slots sized when training starts (no concurrency)."""
+        """K defaults to half the slots sized when training starts (no concurrency)."""
         assert self._rule_name is not None
         self.aggregator = make_aggregator(
             self._rule_name, self._rule_keywords, default_buffer_size=buffer_size

@@ -1,0 +1,74 @@
+"""benchmark_v2's default row: it is the app's defaults, with equal work, marked."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from afl_flwr.config import AppConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    path = REPO / "benchmarks" / "benchmark_v2.py"
+    spec = importlib.util.spec_from_file_location("benchmark_v2_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_default_row_runs_the_apps_defaults_with_equal_work():
+    bench = _bench()
+    size = bench.SIZES["quick"]
+    jobs = bench.make_jobs(
+        size, {"clock": "virtual"}, Path("/tmp/unused"), methods=["Default", "FedBuff"]
+    )
+    default = next(j for j in jobs if j["method"] == "Default")["overrides"]
+    fedbuff = next(j for j in jobs if j["method"] == "FedBuff")["overrides"]
+    cfg, app = AppConfig.from_run_config(default), AppConfig()
+    # Every rule setting is the app's own default ...
+    for key in (
+        "aggregation",
+        "buffer_size",
+        "server_lr",
+        "staleness_fn",
+        "staleness_a",
+        "staleness_b",
+        "max_staleness",
+        "lr_delay_alpha",
+        "mixing_rate",
+        "rule_settings",
+    ):
+        assert getattr(cfg, key) == getattr(app, key), key
+    # ... and the client work equals the other methods'
+    k = AppConfig.from_run_config(fedbuff).effective_buffer_size
+    assert cfg.num_server_rounds * cfg.effective_buffer_size == (
+        fedbuff["num-server-rounds"] * k
+    )
+    assert cfg.eval_every * cfg.effective_buffer_size == fedbuff["eval-every"] * k
+
+
+def test_the_json_marks_the_default_method(tmp_path):
+    bench = _bench()
+    size = bench.SIZES["quick"]
+    records = [
+        {
+            "alpha": 0.5,
+            "scenario": bench.STRAGGLERS,
+            "method": method,
+            "seed": seed,
+            "evals": [[0, 0.0, 0.1], [10, 5.0, acc]],
+            "rate": 1.0,
+            "rate_bound": 2.0,
+            "mean_staleness": 0.0,
+            "dropped": 0,
+            "wall_s": 1.0,
+        }
+        for method, acc in (("FedAvg", 0.8), ("Default", 0.7))
+        for seed in (0, 1)
+    ]
+    bench.report(records, "quick", size, tmp_path, wall=None)
+    data = json.loads((tmp_path / "benchmark_v2.json").read_text())
+    assert data["default_method"] == "Default"
+    assert data["default_method"] in next(iter(data["cells"].values()))["methods"]
+    assert data["default_rule"]["aggregation"] == AppConfig().aggregation
