@@ -62,6 +62,8 @@ def overrides(method: str, z: float, seed: int, args: argparse.Namespace) -> dic
         base.update(
             {"buffer-size": args.buffer_size, "clients-per-round": args.concurrency}
         )
+        if args.staleness_fn:
+            base["staleness-fn"] = args.staleness_fn
     else:
         base.update(
             {
@@ -196,7 +198,10 @@ def report(cells: dict[str, Any], args: argparse.Namespace) -> str:
             f"`python benchmarks/dp_utility.py --data-dir {args.data_dir}"
             f" --buffer-size {args.buffer_size} --concurrency {args.concurrency}"
             f" --clipping-norm {args.clipping_norm} --releases {args.releases}"
-            f" --seeds {' '.join(map(str, seeds))}`",
+            f" --seeds {' '.join(map(str, seeds))}"
+            f" --noise {' '.join(map(str, cells))}"
+            + (f" --staleness-fn {args.staleness_fn}" if args.staleness_fn else "")
+            + "`",
             "",
             f"`presets/dp-cross-device.toml` (1,000 clients) with K = "
             f"{args.buffer_size} clipped deltas per release (C = "
@@ -283,6 +288,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--staleness-fn",
+        default="",
+        help="AFL+DP's staleness function (default: the app's); the report "
+        "goes to dp_utility_<fn>.*",
+    )
     args = parser.parse_args()
     if args.concurrency < args.buffer_size:
         parser.error("--concurrency must be >= --buffer-size")
@@ -314,7 +325,8 @@ def main() -> None:
     )
     cells = summarise(records, args.target)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dp_utility.json").write_text(
+    name = f"dp_utility_{args.staleness_fn}" if args.staleness_fn else "dp_utility"
+    (args.out / f"{name}.json").write_text(
         json.dumps(
             {
                 "args": {**vars(args), "out": str(args.out)},
@@ -324,9 +336,9 @@ def main() -> None:
             indent=1,
         )
     )
-    plot(records, args.out / "dp_utility.png")
-    text = report(cells, args)
-    (args.out / "dp_utility.md").write_text(text)
+    plot(records, args.out / f"{name}.png")
+    text = report(cells, args).replace("(dp_utility.png)", f"({name}.png)")
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 
