@@ -173,6 +173,15 @@ def method_overrides(method: str, size: Size) -> dict[str, Any]:
         "num-server-rounds": size.versions,
         "eval-every": size.eval_updates // k,
     }
+    candidate = method.removeprefix("candidate: ")
+    if (
+        method != DEFAULT
+        and candidate != method
+        and candidate not in DEFAULT_CANDIDATES
+    ):
+        raise ValueError(
+            f"Unknown candidate {candidate!r}; known: {', '.join(DEFAULT_CANDIDATES)}"
+        )
     if method == DEFAULT or method.startswith("candidate: "):
         extra = (
             DEFAULT_CANDIDATES[method.removeprefix("candidate: ")]

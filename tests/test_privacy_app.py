@@ -83,6 +83,7 @@ def test_the_budget_ends_the_run_cleanly_with_its_results(tmp_path, mnist_dir):
         ({"buffer-size": 9}, "buffer-size=9 exceeds num-clients=6"),
         ({"dp-target-delta": 1.0}, "dp-target-delta=1.0 is out of range"),
         ({"dp-clipping-norm": 0.0}, "dp-clipping-norm=0.0 must be > 0"),
+        ({"dp-clipping": "both"}, "dp-clipping"),
     ],
 )
 def test_dp_keys_are_validated(overrides, fragment):

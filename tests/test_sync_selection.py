@@ -97,3 +97,11 @@ def test_without_selection_flower_sampler_is_kept():
     # Assert
     assert strategy.selector is None
     assert all(len(set(r)) == PER_ROUND and set(r) <= set(NODES) for r in rounds)
+
+
+def test_a_runner_that_does_not_wrap_the_strategy_is_refused():
+    strategy = _strategy(0, None)
+    other = _strategy(1, None)
+    wrapper = type("Wrapper", (), {"strategy": other})()
+    with pytest.raises(ValueError, match="runner must wrap this strategy"):
+        strategy.start(grid=None, initial_arrays=None, runner=wrapper)
