@@ -194,6 +194,12 @@ class AppConfig:
         "stop after this many failed tasks in a row with no update admitted; `0` = "
         "`max(30, 3 x clients-per-round)`",
     )
+    node_queue_depth: int = setting(
+        1,
+        "async: train tasks kept per busy node once no node is idle (one runs, the "
+        "rest wait at the SuperLink: no SuperNode sleep between tasks, more "
+        "staleness); above 1 is refused in Flower's simulation",
+    )
     # Heterogeneous clients and the simulation clock.
     clock: str = setting(
         "virtual",
@@ -355,6 +361,7 @@ class AppConfig:
             "batch-size",
             "patience",
             "num-test",
+            "node-queue-depth",
         ):
             _positive(key, getattr(self, key.replace("-", "_")))
         for key in ("learning-rate", "dirichlet-alpha", "task-timeout"):

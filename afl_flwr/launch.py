@@ -17,6 +17,11 @@ them again into a fresh environment for every run). ``--run-config`` takes
 any number and order; later values win. A local SuperLink that this command had
 to start is stopped again when the run ends.
 
+With ``RAY_ADDRESS`` set (``host:port`` of a running ``ray start --head``), the
+simulation's ``ray.init()`` attaches to that Ray cluster instead of starting a
+private one: the variable reaches it through the local SuperLink this command
+starts (docs/running.md, "Real clusters").
+
 ``afl-flwr check --nodes N --run-config ...`` validates the run config a
 deployment of N SuperNodes would get (the app's ``pyproject.toml`` values, then
 the overrides) and exits 2 with the error if it cannot work;
@@ -44,6 +49,7 @@ from afl_flwr.data import DATA_DIR_KEY, source_files
 NO_DEP_INSTALL = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
 DEFAULT_PORT = "39091"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
 
 def federation_config(cfg: AppConfig, client_cpus: int, client_gpus: float) -> str:
@@ -130,6 +136,31 @@ def flower_processes(flwr_home: Path) -> list[psutil.Process]:
             if home and (Path(home) == root or root in Path(home).parents):
                 found.append(proc)
     return found
+
+
+def ray_address_note(superlinks: Sequence[int], address: str) -> str | None:
+    """A note when a running SuperLink's simulations would not use ``address``.
+
+    Flower's simulation calls ``ray.init()`` in a process the SuperLink starts,
+    with the SuperLink's environment: ``RAY_ADDRESS`` (``address``, ``""`` when
+    unset) reaches it only through a SuperLink started with it. ``None`` when
+    every SuperLink in ``superlinks`` has the same ``RAY_ADDRESS``.
+    """
+    for pid in superlinks:
+        try:
+            theirs = psutil.Process(pid).environ().get(RAY_ADDRESS_ENV, "")
+        except psutil.Error:
+            if not address:
+                continue
+            theirs = "<unreadable>"
+        if theirs != address:
+            return (
+                f"note: the running local SuperLink (pid {pid}) was started with "
+                f"{RAY_ADDRESS_ENV}={theirs!r}, not {address!r}: its simulations use "
+                "the Ray cluster its own environment names; stop it to let "
+                "afl-flwr start one with yours."
+            )
+    return None
 
 
 def stop_processes(pids: Sequence[int], grace_s: float = 10.0) -> None:
@@ -262,6 +293,12 @@ def run(argv: Sequence[str]) -> int:
             "dependencies per run: stop it to let afl-flwr start a fresh one.",
             file=sys.stderr,
         )
+    ray_address = os.environ.get(RAY_ADDRESS_ENV, "")
+    note = ray_address_note(already_running, ray_address)
+    if note:
+        print(note, file=sys.stderr)
+    elif ray_address:
+        print(f"Ray: attaching to the existing cluster {RAY_ADDRESS_ENV}={ray_address}")
     env = {**os.environ, NO_DEP_INSTALL: "1"}
     command = build_command(Path(args.app), overrides, federation, args.connection)
     print("$", " ".join(command), flush=True)

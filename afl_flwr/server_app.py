@@ -176,6 +176,7 @@ def make_async_strategy(
         selection=cfg.selection,
         distinct_buffer=cfg.distinct_buffer,
         max_consecutive_failures=cfg.max_consecutive_failures or None,
+        node_queue_depth=cfg.node_queue_depth,
         fraction_evaluate=cfg.fraction_evaluate,
         seed=cfg.seed,
         clock=clock,

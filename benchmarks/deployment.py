@@ -1,26 +1,33 @@
-"""Deployment throughput: real SuperLink + SuperNodes vs the simulation, same work.
+"""Deployment throughput: the printed deployment command against the in-process engine.
+
+One run measures, on the same machine and run config:
 
 1. **Cold task, outside Flower** (fresh processes, ``--repeats`` each, medians):
-   what a SuperNode's per-message ClientApp process pays before it trains:
-   interpreter start, the Flower ClientApp runtime's imports, the app's imports,
-   the node's partition (on-disk cache cold, then warm) and the model build.
-   ``--baseline-src DIR`` (a checkout of an older commit) measures the same probe
-   on that code and deploys that app too, for a before/after in one run.
-2. **Deployment**: ``docker/run-local-deployment.sh --insecure`` (a SuperLink, N
-   SuperNodes and ``flwr run`` on 127.0.0.1, bounded in time, every process
-   stopped afterwards). Each SuperNode's ClientApp logs the split of every task
+   what a SuperNode's per-message ClientApp process pays before it trains
+   (interpreter, Flower's ClientApp runtime imports, the app's imports, the
+   partition from the on-disk cache, the model build).
+2. **Deployments**: the runbook command exactly as ``docs/deployment.md`` prints
+   it (TLS, node authentication, 3 SuperNodes on 127.0.0.1), with only where it
+   runs appended (ports, work and results folders), once per variant:
+   ``before`` (node queue depth 1 and Flower's telemetry on: the runbook and
+   strategy as they were), then every ``--depths`` value (``node-queue-depth``
+   appended; at the default depth, the printed command itself: the
+   ``as printed`` row). Each SuperNode's ClientApp logs the split of every task
    (``Cold task timing``); ``events.csv`` gives each node's cycle (reply to
-   reply), so cycle - training = the per-task fixed cost, and cycle - (process
-   age + data + model + training) = Flower's own share (polls, transfers).
-3. **Simulation, same work**: the in-process engine
-   (:func:`afl_flwr.experiments.inprocess.run_inprocess`, the real ClientApp
-   handlers in one process) with the same run config, once before and once
-   after the deployment (a shared machine's load drifts). CPU seconds per update
-   (all deployment processes, sampled from ``/proc``; the simulation's process)
-   compare the work done independently of that load.
+   reply), its staleness and the accuracy.
+3. **The in-process engine** (:func:`afl_flwr.experiments.inprocess.run_inprocess`,
+   the real ClientApp handlers in one process, node queue depth 1) on the same
+   run config, once before and once after the deployments (a machine's load
+   drifts); the headline ratio is deployment seconds per merged update over
+   the mean of the two.
+4. **Staleness cost of queuing ahead at equal updates** (``--staleness-seeds``):
+   the in-process engine at depth 1 against depth 2, paired by seed, on the
+   same run config (under the virtual clock both see the same simulated
+   timeline, so only the waiting tasks' older bases differ).
 
-Both runs merge in arrival order (``clock='none'``), central evaluation only at
-the end. Writes ``<out>/deployment.md`` and ``<out>/deployment.json``.
+CPU seconds per update (all deployment processes, sampled from ``/proc``; the
+in-process engine's process) compare the work done independently of the load.
+Writes ``<out>/deployment.md`` and ``<out>/deployment.json``.
 
 Usage::
 
@@ -34,6 +41,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -42,17 +50,21 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from afl_flwr.config import AppConfig
 from afl_flwr.experiments.inprocess import run_inprocess
 from afl_flwr.experiments.runs import markdown_table
-from afl_flwr.launch import flower_processes, stop_processes
+from afl_flwr.experiments.stats import t_interval
+from afl_flwr.launch import flower_processes, read_run_config, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docker" / "run-local-deployment.sh"
+DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
 COLD_TASK = re.compile(
     r"Cold task timing: process age ([\d.]+) s \(cpu ([\d.]+) s\), data ([\d.]+) s, "
     r"model ([\d.]+) s, train ([\d.]+) s"
@@ -80,18 +92,57 @@ print(json.dumps({"interpreter": t0 - spawned, "flwr imports": t1 - t0,
 PHASES = ("interpreter", "flwr imports", "app imports", "data", "model")
 
 
-def run_config(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
-    """The run config both the deployment and the simulation get."""
-    return {
-        "model": "small-cnn",
-        "local-epochs": 1,
-        "num-clients": args.nodes,
-        "clients-per-round": args.nodes,
-        "num-server-rounds": args.versions,
-        "eval-every": args.versions,
-        "clock": "none",
-        "data-dir": data_dir,
-    }
+def printed_command() -> list[str]:
+    """The runbook's arguments exactly as docs/deployment.md prints them."""
+    text = DEPLOYMENT_DOC.read_text()
+    match = re.search(r"docker/run-local-deployment\.sh (.*?)\n```", text, re.S)
+    if match is None:
+        raise RuntimeError(f"no runbook command in {DEPLOYMENT_DOC}")
+    return shlex.split(match.group(1).replace("\\\n", " "))
+
+
+def option(args: list[str], name: str, default: str) -> str:
+    """The last value of ``name`` in a runbook argument list."""
+    values = [b for a, b in itertools.pairwise(args) if a == name]
+    return values[-1] if values else default
+
+
+def run_config(printed: list[str]) -> dict[str, Any]:
+    """The run config the printed command gives its run, as the runbook builds it."""
+    nodes = int(option(printed, "--nodes", "3"))
+    config: dict[str, Any] = {"num-clients": nodes, "clients-per-round": nodes}
+    data_dir = option(printed, "--data-dir", "")
+    if data_dir:
+        config["data-dir"] = str((REPO / data_dir).resolve())
+    overrides = [b for a, b in itertools.pairwise(printed) if a == "--run-config"]
+    return {**config, **read_run_config(overrides)}
+
+
+@dataclass
+class Variant:
+    """One deployment: what is appended to the printed command."""
+
+    label: str
+    run_config: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def variants(depths: list[int]) -> list[Variant]:
+    """``before``, then one deployment per depth (the default: the printed command)."""
+    default = AppConfig().node_queue_depth
+    out = [
+        Variant(
+            "before (depth 1, telemetry on)",
+            "node-queue-depth=1",
+            {"FLWR_TELEMETRY_ENABLED": "1"},
+        )
+    ]
+    for depth in depths:
+        if depth == default:
+            out.append(Variant(f"as printed (default depth {depth})"))
+        else:
+            out.append(Variant(f"depth {depth}", f"node-queue-depth={depth}"))
+    return out
 
 
 def probe(src: Path, config: dict[str, Any], cache: str) -> dict[str, Any]:
@@ -184,7 +235,8 @@ class CpuSampler(threading.Thread):
                         self.cpu[proc.pid] = times.user + times.system
 
     def _kind(self, proc: psutil.Process) -> str | None:
-        if proc.environ().get("FLWR_HOME") != self.work:
+        home = proc.environ().get("FLWR_HOME")
+        if not home or not (home == self.work or home.startswith(self.work + os.sep)):
             return None
         cmdline = " ".join(proc.cmdline())
         return next((k for k in self.KINDS if k in cmdline), "other")
@@ -201,36 +253,24 @@ class CpuSampler(threading.Thread):
 
 
 def deploy(
-    args: argparse.Namespace, config: dict[str, Any], work: Path, app: Path
+    args: argparse.Namespace, printed: list[str], variant: Variant, work: Path
 ) -> dict[str, Any]:
-    """Run the runbook on ``app``; return its wall time, summary and task data."""
-    port = free_port_block(1)
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-    command = [
-        "bash",
-        str(RUNBOOK),
-        "--insecure",
-        "--nodes",
-        str(args.nodes),
-        "--port",
-        str(port),
-        "--node-base-port",
-        str(free_port_block(args.nodes)),
-        "--work-dir",
-        str(work),
-        "--results-dir",
-        str(work / "results"),
-        "--run-config",
-        overrides,
-    ]
-    command += ["--app", str(app)]
+    """Run the printed command plus ``variant``; wall time, summary and task data."""
+    nodes = int(option(printed, "--nodes", "3"))
+    command = ["bash", str(RUNBOOK), *printed]
+    command += ["--port", str(free_port_block(1))]
+    command += ["--node-base-port", str(free_port_block(nodes))]
+    command += ["--work-dir", str(work), "--results-dir", str(work / "results")]
+    if variant.run_config:
+        command += ["--run-config", variant.run_config]
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "AFL_FLWR_CACHE_DIR": str(work / "cache"),
+        "AFL_FLWR_CACHE_DIR": str(work.parent / "cache"),
+        **variant.env,
     }
     work.parent.mkdir(parents=True, exist_ok=True)
-    log = work.parent / "runbook.log"
+    log = work.parent / f"runbook-{work.name}.log"
     sampler = CpuSampler(work)
     sampler.start()
     started = time.time()
@@ -240,6 +280,7 @@ def deploy(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=REPO,  # the printed command's relative paths
             start_new_session=True,
         )
     try:
@@ -259,12 +300,13 @@ def deploy(
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(
-            f"deployment failed (rc {proc.returncode}):\n{log.read_text()[-4000:]}"
+            f"deployment {variant.label!r} failed (rc {proc.returncode}):\n"
+            f"{log.read_text()[-4000:]}"
         )
     [folder] = (work / "results").glob("async-*")
     tasks = [
         [float(x) for x in match]
-        for i in range(args.nodes)
+        for i in range(nodes)
         for match in COLD_TASK.findall(
             (work / "logs" / f"supernode-{i}.log").read_text()
         )
@@ -272,12 +314,22 @@ def deploy(
     with (folder / "events.csv").open(newline="") as handle:
         events = list(csv.DictReader(handle))
     return {
+        "label": variant.label,
+        "appended_run_config": variant.run_config,
+        "env": variant.env,
         "wall_s": wall,
         "cpu_s": cpu,
         "summary": json.loads((folder / "summary.json").read_text()),
         "tasks": tasks,
         "cycles": node_cycles(events),
+        "mean_staleness": mean_staleness(events),
     }
+
+
+def mean_staleness(events: list[dict[str, str]]) -> float:
+    """Mean staleness of the merged updates."""
+    values = [float(e["staleness"]) for e in events if e["status"] == "merged"]
+    return statistics.fmean(values) if values else float("nan")
 
 
 def node_cycles(events: list[dict[str, str]]) -> list[float]:
@@ -293,21 +345,74 @@ def node_cycles(events: list[dict[str, str]]) -> list[float]:
     return cycles
 
 
-def simulate(config: dict[str, Any], out: Path) -> dict[str, Any]:
+def simulate(config: dict[str, Any], out: Path, **extra: Any) -> dict[str, Any]:
     """The same run on the in-process engine."""
     started, cpu = time.time(), time.process_time()
     outcome = run_inprocess(
-        {**config, "results-dir": str(out / "simulation")},
+        {**config, **extra, "results-dir": str(out)},
         torch_threads=os.cpu_count() or 1,
     )
     wall, cpu = time.time() - started, time.process_time() - cpu
     summary = json.loads((outcome.results_path / "summary.json").read_text())
-    return {"wall_s": wall, "cpu_s": {"in-process engine": cpu}, "summary": summary}
+    with (outcome.results_path / "events.csv").open(newline="") as handle:
+        events = list(csv.DictReader(handle))
+    return {
+        "wall_s": wall,
+        "cpu_s": {"in-process engine": cpu},
+        "summary": summary,
+        "mean_staleness": mean_staleness(events),
+    }
 
 
 def per_update(summary: dict[str, Any]) -> float:
     """Loop wall seconds per merged update."""
     return summary["wall_time"] / max(1, summary["updates"]["merged"])
+
+
+def staleness_cost(
+    config: dict[str, Any], seeds: list[int], out: Path
+) -> dict[str, Any]:
+    """In-process runs at depth 1 and 2 per seed: staleness and accuracy."""
+    rows = []
+    for seed in seeds:
+        row: dict[str, Any] = {"seed": seed}
+        for depth in (1, 2):
+            print(f"  seed {seed}, depth {depth} ...", flush=True)
+            run = simulate(
+                config,
+                out / f"s{seed}-d{depth}",
+                seed=seed,
+                **{"node-queue-depth": depth},
+            )
+            row[f"depth {depth}"] = {
+                "mean_staleness": run["mean_staleness"],
+                "final_acc": run["summary"]["final_test_acc"],
+                "best_acc": run["summary"]["best_test_acc"],
+                "merged": run["summary"]["updates"]["merged"],
+            }
+        rows.append(row)
+    return {"seeds": seeds, "runs": rows}
+
+
+def split_table(run: dict[str, Any]) -> list[Any]:
+    """Median per-task split of one deployment, as a table row."""
+    tasks = run["tasks"]
+    age, cpu, data, model, train = (
+        statistics.median(t[i] for t in tasks) for i in range(5)
+    )
+    cycle = statistics.median(run["cycles"]) if run["cycles"] else float("nan")
+    fixed = cycle - train
+    return [
+        run["label"],
+        len(tasks),
+        age,
+        cpu,
+        data + model,
+        train,
+        fixed - age - data - model,
+        cycle,
+        fixed,
+    ]
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -319,43 +424,25 @@ def tables(result: dict[str, Any]) -> str:
         rows.append([label, *(phases[p] for p in PHASES), total, phases["heavy"]])
     probe_table = markdown_table(["code, cache", *PHASES, "total s", "heavy"], rows)
 
-    dep, sims = result["deployment"], result["simulation"]
-    tasks = dep["tasks"]
-    age, cpu, data, model, train = (
-        statistics.median(t[i] for t in tasks) for i in range(5)
-    )
-    cycle = statistics.median(dep["cycles"])
-    fixed = cycle - train
+    deployments, sims = result["deployments"], result["simulation"]
     split = markdown_table(
-        [f"per task (median of {len(tasks)} tasks)", "s"],
         [
-            ["process start, imports, FAB install, task pull (process age)", age],
-            ["  of which CPU time of the task process", cpu],
-            ["data (partition cache)", data],
-            ["model build + load weights", model],
-            ["training (1 local epoch)", train],
-            [
-                "Flower polls and transfers (cycle - the above)",
-                fixed - age - data - model,
-            ],
-            ["node cycle, reply to reply", cycle],
-            ["**fixed cost per task** (cycle - training)", fixed],
-            *(
-                [["baseline app: node cycle", statistics.median(base["cycles"])]]
-                if (base := result.get("baseline_deployment"))
-                else []
-            ),
+            "deployment",
+            "tasks",
+            "process age s",
+            "of it CPU s",
+            "data + model s",
+            "training s",
+            "Flower polls, transfers, waits s",
+            "node cycle s",
+            "fixed cost per task s",
         ],
+        [split_table(run) for run in deployments],
     )
     sim_update = statistics.mean(per_update(run["summary"]) for run in sims)
-    runs = [
-        (f"simulation {i + 1} (in-process engine)", run) for i, run in enumerate(sims)
-    ]
-    runs.insert(1, (f"deployment ({result['nodes']} SuperNodes, insecure)", dep))
-    if "baseline_deployment" in result:
-        runs.insert(
-            2, ("deployment of the baseline app", result["baseline_deployment"])
-        )
+    runs = [("in-process engine, before", sims[0])]
+    runs += [(f"deployment: {run['label']}", run) for run in deployments]
+    runs += [("in-process engine, after", sims[1])]
     throughput = markdown_table(
         [
             "run",
@@ -364,8 +451,10 @@ def tables(result: dict[str, Any]) -> str:
             "end-to-end s",
             "loop s",
             "s per update",
-            "x simulation",
+            "x in-process",
             "CPU s per update",
+            "mean staleness",
+            "best acc",
             "final acc",
         ],
         [
@@ -378,80 +467,139 @@ def tables(result: dict[str, Any]) -> str:
                 per_update(run["summary"]),
                 per_update(run["summary"]) / sim_update,
                 sum(run["cpu_s"].values()) / run["summary"]["updates"]["merged"],
+                run["mean_staleness"],
+                run["summary"]["best_test_acc"],
                 run["summary"]["final_test_acc"],
             ]
             for label, run in runs
         ],
     )
-    merged = dep["summary"]["updates"]["merged"]
+    kinds = sorted({k for run in deployments for k in run["cpu_s"]})
     cpu_table = markdown_table(
-        ["deployment process", "CPU s", "CPU s per update"],
-        [[kind, cpu, cpu / merged] for kind, cpu in sorted(dep["cpu_s"].items())],
+        ["CPU s per update", *(run["label"] for run in deployments)],
+        [
+            [
+                kind,
+                *(
+                    run["cpu_s"].get(kind, 0.0) / run["summary"]["updates"]["merged"]
+                    for run in deployments
+                ),
+            ]
+            for kind in kinds
+        ],
     )
-    return (
+    report = (
+        f"Printed command: `docker/run-local-deployment.sh "
+        f"{shlex.join(result['printed_command'])}`\n\n"
         "Cold task process outside Flower (medians of "
         f"{result['repeats']} warm runs; s):\n\n{probe_table}\n"
-        f"Deployment, per task:\n\n{split}\n"
-        "Throughput, same work (x simulation: against the mean of the two "
-        f"simulations, run before and after the deployment):\n\n{throughput}\n"
+        f"Deployment node cycle, per task (medians):\n\n{split}\n"
+        "Throughput, same run config (x in-process: against the mean of the two "
+        f"in-process runs, before and after the deployments):\n\n{throughput}\n"
         f"Deployment CPU by process (sampled every 0.2 s):\n\n{cpu_table}"
     )
+    cost = result.get("staleness_cost")
+    if cost:
+        rows = []
+        diffs: dict[str, list[float]] = {
+            "mean_staleness": [],
+            "best_acc": [],
+            "final_acc": [],
+        }
+        for row in cost["runs"]:
+            one, two = row["depth 1"], row["depth 2"]
+            rows.append(
+                [
+                    row["seed"],
+                    one["merged"],
+                    one["mean_staleness"],
+                    two["mean_staleness"],
+                    one["best_acc"],
+                    two["best_acc"],
+                    one["final_acc"],
+                    two["final_acc"],
+                ]
+            )
+            for key in diffs:
+                diffs[key].append(two[key] - one[key])
+        per_seed = markdown_table(
+            [
+                "seed",
+                "merged updates",
+                "staleness d=1",
+                "staleness d=2",
+                "best acc d=1",
+                "best acc d=2",
+                "final acc d=1",
+                "final acc d=2",
+            ],
+            rows,
+        )
+        summary = markdown_table(
+            ["depth 2 - depth 1 (paired, 95% t-interval)", "value"],
+            [[key, t_interval(values).format(3)] for key, values in diffs.items()],
+        )
+        report += (
+            "\nStaleness cost of queuing ahead, in-process engine, equal updates "
+            f"(seeds {cost['seeds']}):\n\n{per_seed}\n{summary}"
+        )
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--versions", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=420.0)
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument(
-        "--baseline-src",
-        type=Path,
-        default=None,
-        help="an older checkout: its cold task probe, and its app deployed too",
+        "--staleness-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4]
     )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    for name in ("nodes", "versions", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.versions < 2:
-        parser.error("--versions must be >= 2 (a node cycle needs two replies)")
-    data_dir = str(Path(args.data_dir).resolve())
-    config = run_config(args, data_dir)
+    if args.repeats < 1 or any(d < 1 for d in args.depths):
+        parser.error("--repeats and --depths must be >= 1")
+    printed = printed_command()
+    config = run_config(printed)
     args.out.mkdir(parents=True, exist_ok=True)
+    plan = variants(args.depths)
 
-    print("[1/4] cold task processes ...", flush=True)
+    print("[1/5] cold task processes ...", flush=True)
     cold = {
         f"this tree, {k}": v for k, v in cold_task(REPO, config, args.repeats).items()
     }
-    if args.baseline_src:
-        base = cold_task(args.baseline_src.resolve(), config, args.repeats)
-        cold = {"baseline": base["warm cache"], **cold}
-    simulation = []
+    simulation, deployments = [], []
     with tempfile.TemporaryDirectory(prefix="afl-flwr-bench-") as tmp:
-        print("[2/4] simulation ...", flush=True)
+        print("[2/5] in-process engine ...", flush=True)
         simulation.append(simulate(config, Path(tmp) / "sim-1"))
-        print("[3/4] deployment ...", flush=True)
-        deployment = deploy(args, config, Path(tmp) / "deployment" / "work", REPO)
-        if args.baseline_src:
-            print("[3/4] deployment of the baseline app ...", flush=True)
-            baseline = deploy(
-                args, config, Path(tmp) / "baseline" / "work", args.baseline_src
+        for i, variant in enumerate(plan):
+            print(
+                f"[3/5] deployment {i + 1}/{len(plan)}: {variant.label} ...", flush=True
             )
-        print("[4/4] simulation again ...", flush=True)
+            deployments.append(
+                deploy(args, printed, variant, Path(tmp) / "deployment" / f"d{i}")
+            )
+        print("[4/5] in-process engine again ...", flush=True)
         simulation.append(simulate(config, Path(tmp) / "sim-2"))
+        print("[5/5] staleness cost, in-process ...", flush=True)
+        cost = (
+            staleness_cost(config, args.staleness_seeds, Path(tmp) / "cost")
+            if args.staleness_seeds
+            else None
+        )
     result = {
-        "nodes": args.nodes,
+        "printed_command": printed,
         "repeats": args.repeats,
         "run_config": {k: v for k, v in config.items() if k != "data-dir"},
         "cold_task": cold,
-        "deployment": deployment,
+        "deployments": deployments,
         "simulation": simulation,
+        "staleness_cost": cost,
+        "x_in_process": {
+            run["label"]: per_update(run["summary"])
+            / statistics.mean(per_update(r["summary"]) for r in simulation)
+            for run in deployments
+        },
     }
-    if args.baseline_src:
-        result["baseline_deployment"] = baseline
     (args.out / "deployment.json").write_text(json.dumps(result, indent=1) + "\n")
     report = tables(result)
     (args.out / "deployment.md").write_text(report)

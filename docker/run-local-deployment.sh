@@ -25,13 +25,19 @@
 #   --results-dir DIR        run-config results-dir (default: ./results)
 #   --run-config "k=v ..."   further run-config overrides (repeatable, later wins);
 #                            num-clients and clients-per-round default to --nodes
+#   --keep-running           after the run, keep the SuperLink and SuperNodes up
+#                            (for another `flwr run`, e.g. a resume) until Ctrl-C
 #   --check-only             validate the run config, start nothing
 #   -h, --help               show this help
 #
 # The run config is validated (`python -m afl_flwr.launch check`) before any
 # process starts: a config that cannot work exits 2 with the error.
 #
-# Exit status: 0 when the run finished with status `finished:completed`.
+# Every process is printed as a command that starts it again (e.g. a SuperNode
+# that died); with --keep-running, so is the `flwr run` of another run.
+#
+# Exit status: 0 when the run finished with status `finished:completed`
+# (with --keep-running: 130 or 143 once stopped, or 2 if the SuperLink exits).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,9 +52,22 @@ data_dir=""
 results_dir="results"
 extra_config=()
 check_only=0
+keep_running=0
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
+# The arguments as words to paste into a shell, quoted only where needed.
+shell_words() {
+  local word safe='^[A-Za-z0-9_./:=@%+,-]+$' out=()
+  for word; do
+    if [[ "$word" =~ $safe ]]; then out+=("$word")
+    elif [[ "$word" != *"'"* ]]; then out+=("'$word'")
+    elif [[ "$word" != *[\"\$\`\\!]* ]]; then out+=("\"$word\"")
+    else out+=("$(printf %q "$word")")
+    fi
+  done
+  echo "${out[*]}"
+}
 
 while (($#)); do
   case "$1" in
@@ -62,6 +81,7 @@ while (($#)); do
     --data-dir) data_dir="${2:?}"; shift ;;
     --results-dir) results_dir="${2:?}"; shift ;;
     --run-config) extra_config+=("${2:?}"); shift ;;
+    --keep-running) keep_running=1 ;;
     --check-only) check_only=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -104,6 +124,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # default 1 s adds 0.5 s to every task on average, 0.1 s costs each SuperExec
 # about 4% of a core in polls (benchmarks/deployment.py); 0.25 s is between.
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.25}"
+# A task process waits up to 4 s at exit to send Flower's usage telemetry; off,
+# it exits as soon as its reply is sent (benchmarks/deployment.py).
+export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 
 pids=()
 cleanup() {
@@ -133,7 +156,8 @@ start() {
   local name="$1"
   shift
   mkdir -p "$work_dir/flwr-home/$name"
-  echo "+ $*  > logs/$name.log"
+  echo "+ FLWR_HOME=$(shell_words "$work_dir/flwr-home/$name") $(shell_words "$@")" \
+    " # log: $work_dir/logs/$name.log"
   FLWR_HOME="$work_dir/flwr-home/$name" "$@" >"$work_dir/logs/$name.log" 2>&1 &
   pids+=("$!")
 }
@@ -238,10 +262,18 @@ done
 echo "$online SuperNodes online"
 
 # 6. The run; `flwr run --stream` returns when the run ends, whatever its status.
-echo "+ flwr run $app $connection --stream$(printf ' %q' "${run_args[@]}")"
-cli flwr run "$app" "$connection" --stream "${run_args[@]}"
+run_command=(flwr run "$app" "$connection" --stream "${run_args[@]}")
+echo "+ $(shell_words "${run_command[@]}")"
+cli "${run_command[@]}" || echo "flwr run exited with status $?"
 
 status="$(cli flwr list "$connection" --format json | python -c \
   'import json,sys; print(" ".join(r["status"] for r in json.load(sys.stdin)["runs"]))')"
 echo "Run status: $status"
+if ((keep_running)); then
+  echo "Still running: the SuperLink (127.0.0.1:$port) and $nodes SuperNode(s); Ctrl-C stops them."
+  echo "Another run (resume one with --run-config \"resume-from='<checkpoint.npz>'\"):"
+  echo "  FLWR_HOME=$(shell_words "$work_dir/flwr-home/cli") $(shell_words "${run_command[@]}")"
+  wait "${pids[0]}" || true
+  die "the SuperLink exited (log: $work_dir/logs/superlink.log)"
+fi
 [[ "$status" == "finished:completed" ]]

@@ -222,3 +222,62 @@ def test_check_deployment_merges_the_app_defaults_and_overrides():
 
     assert (cfg.num_clients, cfg.clients_per_round) == (4, 2)
     assert cfg.model == "small-cnn"  # the app's pyproject value
+
+
+def test_ray_address_reaches_flwr_run_and_is_announced(monkeypatch, capsys):
+    # Prepare: record the environment `flwr run` gets (the local SuperLink and
+    # the simulation's ray.init() inherit it)
+    envs: list[dict[str, str]] = []
+
+    def fake_run(command: list[str], env: dict[str, str], **_: Any):
+        envs.append(env)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(launch, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(launch.shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.setattr(launch, "superlink_pids", lambda port: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+
+    # Execute
+    code = launch.main(["run", str(REPO)])
+
+    # Assert
+    assert code == 0
+    assert envs[0]["RAY_ADDRESS"] == "10.0.0.5:6379"
+    out = capsys.readouterr().out
+    assert "Ray: attaching to the existing cluster RAY_ADDRESS=10.0.0.5:6379" in out
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours", "noted"),
+    [
+        ("", "", False),
+        ("10.0.0.5:6379", "10.0.0.5:6379", False),
+        ("", "10.0.0.5:6379", True),
+        ("10.0.0.5:6379", "", True),
+    ],
+)
+def test_ray_address_note_names_a_superlink_with_another_ray_address(
+    theirs, ours, noted
+):
+    # A stand-in for a running SuperLink: a process with its own environment
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if theirs:
+        env["RAY_ADDRESS"] = theirs
+    code = "import time; print('ready', flush=True); time.sleep(60)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        # Once it prints, it runs with its own environment (not pytest's, as
+        # between fork and exec)
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        note = launch.ray_address_note([proc.pid], ours)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+    assert (note is not None) == noted
+    if noted:
+        assert f"pid {proc.pid}" in note and f"RAY_ADDRESS={theirs!r}" in note

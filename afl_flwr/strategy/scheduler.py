@@ -15,6 +15,16 @@ gets work. ``avoid`` (nodes whose update waits in the aggregator's buffer) and
 back-off (nodes whose tasks keep failing) are preferences among idle nodes, and
 a backed-off node still gets work when nothing else can run.
 
+**Queue depth** ``D`` (``queue_depth``): once no idle node is left to give
+work to, every busy node is also given up to ``D - 1`` further train tasks,
+which wait at the SuperLink and start when the node's previous task ends (a
+deployment's SuperNode then never sleeps on an empty pull). A waiting task
+carries the version current at its dispatch; its staleness is measured from
+that base as always. Its timeout, and with a virtual clock its simulated
+start, count from the end of the node's previous task. ``D = 1`` keeps one
+task per node. Slots count running tasks: train tasks in flight are at most
+``slots * D``.
+
 Dispatch costs ``O(slots + buffer + failing nodes)`` per task, not ``O(N)``:
 the selector is told which few nodes it may not pick
 (:meth:`~afl_flwr.selection.NodeSelector.pick`), and the node list is only
@@ -33,6 +43,7 @@ from flwr.serverapp import Grid
 
 from afl_flwr.clock import Clock, TaskTiming, WallClock
 from afl_flwr.selection import NodeSelector
+from afl_flwr.strategy.transport import ReplyPuller
 
 # node -> (the evaluate message for it, the version it evaluates)
 MessageBuilder = Callable[[int], tuple[Message, int]]
@@ -66,7 +77,9 @@ class Task:
     """A dispatched task awaiting its outcome.
 
     ``version`` is the global version a train task started from (its base), or
-    the version an evaluate task evaluates.
+    the version an evaluate task evaluates. ``waiting`` marks a train task
+    queued behind an earlier task of its node (``sim_start`` and ``sent_wall``
+    are set when that one ends).
     """
 
     kind: str
@@ -77,6 +90,7 @@ class Task:
     sent_wall: float
     sim_start: float
     timing: TaskTiming | None = None
+    waiting: bool = False
 
     @property
     def base_version(self) -> int:
@@ -120,6 +134,8 @@ class Scheduler:
         Without ``concurrency``: at least this many slots (when the nodes exist).
     clock : Clock, optional (default: None)
         Time and outcome order; ``None`` means a :class:`~afl_flwr.clock.WallClock`.
+    queue_depth : int (default: 1)
+        Train tasks per busy node (see the module docstring); 1 means one.
     """
 
     def __init__(
@@ -130,9 +146,14 @@ class Scheduler:
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         clock: Clock | None = None,
+        queue_depth: int = 1,
     ) -> None:
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth={queue_depth} must be >= 1")
+        self.queue_depth = queue_depth
+        self.puller: ReplyPuller | None = None
         self.selector = selector
         self.concurrency = concurrency
         self.fraction_train = fraction_train
@@ -145,7 +166,8 @@ class Scheduler:
         self.nodes: list[int] = []
         self._node_set: set[int] = set()
         self._by_label: dict[int, int] = {}
-        self._busy: set[int] = set()
+        # node -> its train tasks in flight, in order (the first one runs)
+        self._queues: dict[int, list[Task]] = {}
         self.in_flight: dict[str, Task] = {}
         self._arrived: dict[str, Message] = {}
         self._expired: set[str] = set()
@@ -190,7 +212,7 @@ class Scheduler:
     def refresh(self, grid: Grid, *, force: bool = False) -> None:
         """Pick up joined/left nodes (at most every ``NODE_REFRESH_S`` when busy)."""
         now = time.time()
-        if not force and self._busy and now - self._last_refresh < NODE_REFRESH_S:
+        if not force and self._queues and now - self._last_refresh < NODE_REFRESH_S:
             return
         self._last_refresh = now
         current = set(grid.get_node_ids())
@@ -214,7 +236,7 @@ class Scheduler:
 
     def busy_nodes(self) -> set[int]:
         """Nodes with a train task in flight."""
-        return set(self._busy)
+        return set(self._queues)
 
     def backed_off_nodes(self) -> set[int]:
         """Failing nodes sitting out now (expired back-offs are forgotten)."""
@@ -246,8 +268,8 @@ class Scheduler:
 
     # --------------------------------------------------------- dispatch
     def train_in_flight(self) -> int:
-        """Train tasks in flight."""
-        return len(self._busy)
+        """Nodes running a train task (the slots in use)."""
+        return len(self._queues)
 
     def dispatch(
         self,
@@ -277,7 +299,7 @@ class Scheduler:
         """
         slots = self.slots
         free = slots - self.train_in_flight()
-        if free <= 0 or not self.nodes:
+        if not self.nodes or (free <= 0 and self.queue_depth == 1):
             return []
         if len(self.nodes) < slots and not self._logged_capacity:
             log(
@@ -287,14 +309,17 @@ class Scheduler:
                 len(self.nodes),
             )
             self._logged_capacity = True
-        chosen = self._choose(free, avoid, exclude)
-        if not chosen:
-            return []
+        chosen = self._choose(free, avoid, exclude) if free > 0 else []
         self._learn_profiles(grid, chosen)
+        queued = self._queue_ahead(chosen, exclude)
+        if not chosen and not queued:
+            return []
         messages, tasks = [], []
-        for node in chosen:
+        for node, position in [*((n, 0) for n in chosen), *queued]:
             timing = self.clock.plan(node)
             message, version = factory.train_message(node, self.seq)
+            if position:  # it waits behind `position` tasks, each up to its TTL
+                message.metadata.ttl = message.metadata.ttl * (1 + position)
             messages.append(message)
             tasks.append(
                 Task(
@@ -306,19 +331,46 @@ class Scheduler:
                     time.time(),
                     self.clock.now(),
                     timing,
+                    waiting=position > 0,
                 )
             )
             self.seq += 1
         started = self._push(grid, messages, tasks)
         for task in started:
-            self._busy.add(task.node_id)
+            self._queues.setdefault(task.node_id, []).append(task)
             factory.started(task)
         return started
+
+    def _queue_ahead(
+        self, chosen: list[int], exclude: Collection[int]
+    ) -> list[tuple[int, int]]:
+        """``(node, position)`` of the waiting tasks to add, busy nodes in order.
+
+        Only when no idle node is left that could take the work instead, so a
+        federation with spare nodes trains exactly as with depth 1; never for
+        excluded or backed-off nodes.
+        """
+        if self.queue_depth == 1:
+            return []
+        busy = set(self._queues) | set(chosen)
+        idle_excluded = sum(
+            1 for n in set(exclude) if n in self._node_set and n not in busy
+        )
+        if len(self.nodes) - len(busy) - idle_excluded > 0:
+            return []
+        skip = set(exclude) | self.backed_off_nodes()
+        queued = []
+        for node in [*self._queues, *chosen]:
+            if node in skip or node not in self._node_set:
+                continue
+            have = len(self._queues.get(node, ())) + (node in chosen)
+            queued += [(node, position) for position in range(have, self.queue_depth)]
+        return queued
 
     def _choose(
         self, free: int, avoid: Collection[int], exclude: Collection[int] = ()
     ) -> list[int]:
-        busy = set(self._busy) | set(exclude)
+        busy = set(self._queues) | set(exclude)
         unhealthy = self.backed_off_nodes()
         avoided = set(avoid)
         chosen: list[int] = []
@@ -326,7 +378,7 @@ class Scheduler:
             # Preferred: idle, healthy, not avoided; then idle and healthy; then,
             # when nothing runs, any idle node (all failing: try one, never stall).
             layers = [busy | unhealthy | avoided, busy | unhealthy]
-            if not self._busy and not chosen:
+            if not self._queues and not chosen:
                 layers.append(busy)
             node = None
             for excluded in layers:
@@ -385,8 +437,12 @@ class Scheduler:
             if m not in self._arrived and m not in self._expired
         ]
         unknown = []
-        if waiting:
-            for reply in grid.pull_messages(waiting):
+        if self.puller is not None:
+            pulled: Iterable[Message] = self.puller.take()
+        else:
+            pulled = grid.pull_messages(waiting) if waiting else []
+        if pulled:
+            for reply in pulled:
                 reply_to = reply.metadata.reply_to_message_id
                 if (
                     reply_to in self.in_flight
@@ -401,9 +457,16 @@ class Scheduler:
             if (
                 message_id not in self._arrived
                 and message_id not in self._expired
+                and not task.waiting
                 and now - task.sent_wall > timeout
             ):
                 self._expired.add(message_id)
+        if self.puller is not None:  # what the next pulls on its thread ask for
+            self.puller.want(
+                m
+                for m in self.in_flight
+                if m not in self._arrived and m not in self._expired
+            )
         return unknown
 
     def next_outcome(self) -> Outcome | None:
@@ -417,24 +480,46 @@ class Scheduler:
         for message_id in done:
             if self.in_flight[message_id].kind == EVALUATE:
                 return self._take(message_id, self.clock.now())
-        ready = [(self.in_flight[m], self._arrived.get(m)) for m in done]
+        # A waiting task is neither: its node's earlier task finishes first.
+        ready = [
+            (self.in_flight[m], self._arrived.get(m))
+            for m in done
+            if not self.in_flight[m].waiting
+        ]
         running = [
             t
             for m, t in self.in_flight.items()
-            if t.kind == TRAIN and m not in self._arrived and m not in self._expired
+            if t.kind == TRAIN
+            and not t.waiting
+            and m not in self._arrived
+            and m not in self._expired
         ]
         choice = self.clock.next_ready(ready, running)
         if choice is None:
             return None
         index, finish = choice
         task = ready[index][0]
-        self._busy.discard(task.node_id)
         self.clock.settle(finish)
+        self._release(task)
         self.outcomes += 1
         outcome = self._take(task.message_id, self.clock.now())
         return Outcome(
             task, outcome.reply, outcome.sim_time, self.clock.duration(task, finish)
         )
+
+    def _release(self, task: Task) -> None:
+        """``task`` ended: its node's next waiting task, if any, starts now."""
+        queue = self._queues.get(task.node_id, [])
+        if task in queue:
+            queue.remove(task)
+        if not queue:
+            self._queues.pop(task.node_id, None)
+            return
+        successor = queue[0]
+        if successor.waiting:
+            successor.waiting = False
+            successor.sim_start = self.clock.now()
+            successor.sent_wall = time.time()
 
     def _take(self, message_id: str, sim_time: float) -> Outcome:
         task = self.in_flight.pop(message_id)
@@ -478,7 +563,7 @@ class Scheduler:
             del self.in_flight[message_id]
             self._arrived.pop(message_id, None)
             self._expired.discard(message_id)
-        self._busy.clear()
+        self._queues.clear()
         return len(trains)
 
     def evaluations_in_flight(self) -> int:

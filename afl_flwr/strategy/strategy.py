@@ -60,6 +60,11 @@ from afl_flwr.strategy.model_store import ModelStore
 from afl_flwr.strategy.run_state import MetricsAggrFn, RunAbortedError, RunState
 from afl_flwr.strategy.scheduler import EVALUATE, Outcome, Scheduler, Task, train_slots
 from afl_flwr.strategy.sync_adapter import SynchronousRounds
+from afl_flwr.strategy.transport import (
+    ReplyPuller,
+    check_queue_depth,
+    is_superlink_grid,
+)
 
 
 class TrainTasks:
@@ -226,7 +231,9 @@ class StalenessAwareAsyncStrategy(Strategy):
         Run ``evaluate_fn`` in a background thread on the version's weights
         while dispatch goes on; results are recorded in version order with the
         numbers of their version. ``False`` evaluates inline (the loop waits),
-        for an ``evaluate_fn`` that is not thread-safe.
+        for an ``evaluate_fn`` that is not thread-safe, or clients trained in
+        this process (an in-process grid), whose training would share torch's
+        global RNG with the evaluation thread (a seeded run would not repeat).
     max_time : float, optional (default: None)
         Time budget in seconds (simulated with a virtual clock, else wall).
     max_reply_bytes : int, optional (default: None)
@@ -246,6 +253,17 @@ class StalenessAwareAsyncStrategy(Strategy):
         between; ``None`` means ``max(30, 3 * slots)``.
     poll_interval : float (default: 0.02)
         Seconds between polls of the Grid when nothing is ready.
+    node_queue_depth : int (default: 1)
+        Train tasks kept per busy node: one running and ``D - 1`` waiting at
+        the SuperLink, given only once no idle node is left (see
+        :mod:`afl_flwr.strategy.scheduler`). A waiting task carries the version
+        current at its dispatch (more staleness) and starts when the node's
+        previous task ends, so a SuperNode never sleeps on an empty pull. Above
+        1 in Flower's simulation is refused (its engine would run a node's
+        waiting tasks at the same time). On a SuperLink's grid replies are
+        pulled on a background thread
+        (:class:`~afl_flwr.strategy.transport.ReplyPuller`) whatever the depth,
+        so a slow upload never stalls dispatch.
     **rule_settings
         Settings of the chosen rule that only it has, prefixed by its name:
         ``fadas_beta1``, ``fadas_beta2``, ``fadas_eps``, ``fadas_tau_c``,
@@ -289,6 +307,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         distinct_buffer: bool = True,
         max_consecutive_failures: int | None = None,
         poll_interval: float = 0.02,
+        node_queue_depth: int = 1,
         **rule_settings: Any,
     ) -> None:
         _check_arguments(
@@ -304,6 +323,7 @@ class StalenessAwareAsyncStrategy(Strategy):
             checkpoint_every=checkpoint_every,
             checkpoint_path=checkpoint_path,
             max_consecutive_failures=max_consecutive_failures,
+            node_queue_depth=node_queue_depth,
         )
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
@@ -364,6 +384,7 @@ class StalenessAwareAsyncStrategy(Strategy):
         self.distinct_buffer = distinct_buffer
         self._max_failures = max_consecutive_failures
         self.poll_interval = poll_interval
+        self.node_queue_depth = node_queue_depth
         self.store = ModelStore(keep_bases=self.aggregator.needs_base)
         self.scheduler = Scheduler(
             selector=self.selector,
@@ -495,6 +516,7 @@ class StalenessAwareAsyncStrategy(Strategy):
             "max_staleness": self.max_staleness,
             "selection": self.selection,
             "distinct_buffer": self.distinct_buffer,
+            "node_queue_depth": self.scheduler.queue_depth,
             "seed": self.seed,
             "clock": self.clock.describe(),
             "eval_every": self.eval_every,
@@ -594,7 +616,17 @@ class StalenessAwareAsyncStrategy(Strategy):
             max_consecutive_failures=self._failure_limit(self.concurrency or 1),
             weighted_by_key=self.weighted_by_key,
         )
+        self.scheduler.queue_depth = check_queue_depth(self.node_queue_depth, grid)
         self._wait_for_nodes(grid, timeout)
+        if self.scheduler.queue_depth > 1:
+            log(
+                INFO,
+                "Node queue depth %d: a busy node also holds %d waiting train task(s)",
+                self.scheduler.queue_depth,
+                self.scheduler.queue_depth - 1,
+            )
+        if is_superlink_grid(grid):
+            self.scheduler.puller = ReplyPuller(grid, self.poll_interval)
         resumed = self._resume is not None
         if resumed:
             self._apply_resume()
@@ -650,7 +682,12 @@ class StalenessAwareAsyncStrategy(Strategy):
         try:
             self._loop(grid, run, everyone, federated, tasks, timeout)
         finally:
-            self._finish(grid, run, everyone, federated, timeout)
+            try:
+                self._finish(grid, run, everyone, federated, timeout)
+            finally:
+                if self.scheduler.puller is not None:
+                    self.scheduler.puller.close()
+                    self.scheduler.puller = None
         return self.state.result
 
     def _wait_for_nodes(self, grid: Grid, timeout: float) -> None:
@@ -945,6 +982,9 @@ def _check_arguments(**values: Any) -> None:
         raise ValueError(
             f"checkpoint_every={every} must be >= 0, and > 0 needs a checkpoint_path"
         )
+    depth = values["node_queue_depth"]
+    if depth < 1:
+        raise ValueError(f"node_queue_depth={depth} must be >= 1")
     failures = values["max_consecutive_failures"]
     if failures is not None and failures < 1:
         raise ValueError(f"max_consecutive_failures={failures} must be >= 1")
