@@ -176,7 +176,9 @@ class BufferSettings(RuleSettings):
     """The buffer size of a buffered rule."""
 
     buffer_size: int = setting(
-        5, "K, updates per buffered merge (the strategy's default: concurrency)"
+        5,
+        "K, updates per buffered merge (the strategy's default: half the training "
+        "slots, at least 1)",
     )
 
     def validate(self) -> None:
