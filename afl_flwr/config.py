@@ -341,6 +341,24 @@ class AppConfig:
                 keywords[setting_keyword(rule, name)] = value
         return keywords
 
+    def check_simulation(self) -> None:
+        """Refuse what Flower's simulation cannot run (before anything starts).
+
+        Raises
+        ------
+        ConfigError
+            When ``node-queue-depth`` is above 1: the simulation engine gives a
+            node's waiting messages to different actors, which would run them at
+            the same time.
+        """
+        if self.node_queue_depth > 1:
+            raise ConfigError(
+                f"node-queue-depth={self.node_queue_depth} cannot run in Flower's "
+                "simulation: its engine would train a node's waiting tasks at the "
+                "same time. It serves deployments (docker/run-local-deployment.sh); "
+                "use node-queue-depth = 1 here."
+            )
+
     def validate(self) -> None:
         """Check every value; raise :class:`ConfigError` naming the first bad key."""
         _choice("mode", self.mode, MODES)

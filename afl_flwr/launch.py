@@ -262,6 +262,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         overrides = read_run_config(args.run_config)
         cfg = AppConfig.from_run_config(overrides)
+        cfg.check_simulation()
         if "results-dir" not in overrides:
             overrides["results-dir"] = cfg.results_dir
         # The ServerApp runs in the SuperLink's working directory: pass an

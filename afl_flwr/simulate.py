@@ -53,6 +53,7 @@ def simulate(
 
     overrides = dict(run_config or {})
     cfg = AppConfig.from_run_config(overrides)
+    cfg.check_simulation()
     # Fail fast on a bad data-dir before Ray starts (the load is cached in-process).
     load_central_testset(cfg.dataset, cfg.data_dir, cfg.num_test)
     outcomes: list[Path] = []

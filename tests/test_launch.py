@@ -106,6 +106,26 @@ def test_bad_resources_stop_before_flwr_runs(recorded, monkeypatch, argv):
     assert recorded == []
 
 
+def test_queue_depth_above_one_is_refused_before_the_simulation_starts(
+    recorded, monkeypatch, capsys
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    code = launch.main(["run", str(REPO), "--run-config", "node-queue-depth=2"])
+
+    assert code == 2
+    assert recorded == []  # flwr run never started
+    assert "node-queue-depth=2 cannot run in Flower's simulation" in (
+        capsys.readouterr().err
+    )
+
+
+def test_in_process_simulation_refuses_queue_depth_above_one():
+    from afl_flwr.simulate import main as simulate_main
+
+    assert simulate_main(["--run-config", "node-queue-depth=3"]) == 2
+
+
 def test_preset_file_and_overrides_merge_in_order(recorded, monkeypatch):
     # Prepare
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
