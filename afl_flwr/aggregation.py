@@ -205,6 +205,64 @@ def apply_deltas(
     return new
 
 
+def momentum_step(
+    current: Mapping[str, np.ndarray],
+    delta: Mapping[str, np.ndarray],
+    velocity: Mapping[str, np.ndarray],
+    momentum: float,
+    server_lr: float,
+) -> tuple[Params, Params]:
+    """Server SGD with heavy-ball momentum on a merged delta (FedAvgM's step).
+
+    ``v <- beta v + d`` (``v = d`` for an array with no velocity yet), then
+    ``x <- x + eta v``: PyTorch's ``SGD(momentum=beta)`` convention, as in
+    Flower's ``FedAvgM`` and FLSim's asynchronous ``FedAvgWithLR`` aggregator,
+    with the pseudo-gradient ``-d``. FedBuff's experiments (Nguyen et al.,
+    AISTATS 2022) use this server optimiser.
+
+    Parameters
+    ----------
+    current : Mapping[str, np.ndarray]
+        Global model ``x`` (not modified); its names are stepped.
+    delta : Mapping[str, np.ndarray]
+        Merged delta ``d`` per name of ``current``, at least float32 (integer
+        arrays: float64), as :func:`weighted_delta` returns it.
+    velocity : Mapping[str, np.ndarray]
+        ``v`` from the previous step (not modified); names missing start at ``d``.
+    momentum : float
+        ``beta`` in ``[0, 1)``.
+    server_lr : float
+        ``eta > 0``.
+
+    Returns
+    -------
+    tuple[Params, Params]
+        The new model (integer arrays rounded back to their dtype) and the new
+        velocity (fresh arrays).
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum={momentum} must be in [0, 1)")
+    if not server_lr > 0:
+        raise ValueError(f"server_lr={server_lr} must be > 0")
+    new: Params = {}
+    new_velocity: Params = {}
+    for name, x in current.items():
+        d = np.asarray(delta[name])
+        if name in velocity:
+            v = np.asarray(velocity[name], d.dtype) * d.dtype.type(momentum)
+            v += d
+        else:
+            v = np.array(d, copy=True)
+        new_velocity[name] = v
+        moved = x + d.dtype.type(server_lr) * v
+        new[name] = (
+            moved.astype(x.dtype, copy=False)
+            if np.issubdtype(x.dtype, np.floating)
+            else np.asarray(np.rint(moved)).astype(x.dtype)
+        )
+    return new, new_velocity
+
+
 def weighted_delta(
     updates: Sequence[Mapping[str, np.ndarray]],
     bases: Sequence[Mapping[str, np.ndarray]],

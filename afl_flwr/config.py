@@ -25,6 +25,7 @@ from afl_flwr.aggregators import (
     setting_keyword,
 )
 from afl_flwr.clock import PROFILE_QUERIES
+from afl_flwr.constants import NODE_WORKER_MODES
 from afl_flwr.data import DATASETS
 from afl_flwr.models import MODELS
 from afl_flwr.selection import SELECTIONS
@@ -200,6 +201,13 @@ class AppConfig:
         "rest wait at the SuperLink: no SuperNode sleep between tasks, more "
         "staleness); above 1 is refused in Flower's simulation",
     )
+    node_worker: str = setting(
+        "auto",
+        "deployments: where a SuperNode's train tasks run. `on`: a long-lived "
+        "worker per node keeps torch, the partition and warm kernels between tasks "
+        "(a task process then imports no torch); `off`: every task in its own "
+        "process; `auto`: `on` in Flower's per-message `flwr-clientapp` processes",
+    )
     # Heterogeneous clients and the simulation clock.
     clock: str = setting(
         "virtual",
@@ -369,6 +377,7 @@ class AppConfig:
         _choice("selection", self.selection, sorted(SELECTIONS))
         _choice("sync-selection", self.sync_selection, SYNC_SELECTIONS)
         _choice("clock", self.clock, CLOCKS)
+        _choice("node-worker", self.node_worker, NODE_WORKER_MODES)
         _choice("profile-query", self.profile_query, PROFILE_QUERIES)
         for key in (
             "num-clients",

@@ -35,3 +35,7 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 SPEED_FACTOR = "speed-factor"
 MAX_DELAY_S = "max-delay-s"
+
+# Run-config key choosing where a SuperNode's train tasks run (afl_flwr.node_worker).
+NODE_WORKER_KEY = "node-worker"
+NODE_WORKER_MODES = ("auto", "on", "off")

@@ -7,7 +7,9 @@ on the server to L2 norm ``<= C``; every ``K`` updates the buffer releases
 
     r = (1/K) sum_i s(tau_i) clip(Delta_i) + N(0, (z C / K)^2 I),
 
-and the model moves ``x <- x + eta_g r``. Weights are equal (``1/K``), not
+and the model moves ``x <- x + eta_g r`` (with ``server_momentum = beta > 0``:
+``v <- beta v + r``, ``x <- x + eta_g v``, post-processing of the releases, so
+the guarantee is unchanged). Weights are equal (``1/K``), not
 ``n_i / sum n``: an example count is private and would make the sensitivity
 data-dependent; ``s(tau) <= 1`` only shrinks a contribution. One client
 contributes at most one update per release: under DP the buffer preference of
@@ -47,14 +49,14 @@ except ImportError as err:  # pragma: no cover - Flower 1.40/1.41
         'with its dp extra: pip install "flwr[dp]>=1.42")'
     ) from err
 
-from afl_flwr.aggregation import Params
+from afl_flwr.aggregation import Params, momentum_step
 from afl_flwr.aggregators.base import (
     BufferedAggregator,
     MergeRefused,
     Update,
     bases_of,
 )
-from afl_flwr.aggregators.fedbuff import FedBuff, FedBuffSettings
+from afl_flwr.aggregators.fedbuff import VELOCITY_GROUP, FedBuff, FedBuffSettings
 from afl_flwr.callbacks.base import Callback, RunView, Stop
 from afl_flwr.history import UpdateEvent
 from afl_flwr.model_state import average_state
@@ -141,6 +143,7 @@ class DPFedBuff(BufferedAggregator):
         self.norms: list[float] = []
         self.expect_clipped = expect_clipped
         self.unclipped_arrivals = 0
+        self._velocity: Params = {}
 
     @property
     def std(self) -> float:
@@ -221,6 +224,16 @@ class DPFedBuff(BufferedAggregator):
             if self.std:
                 noise = self.rng.standard_normal(step.shape, dtype=step.dtype)
                 step += step.dtype.type(self.std) * noise
+        if self.settings.server_momentum:  # post-processing of the release
+            new, self._velocity = momentum_step(
+                {n: current[n] for n in floats},
+                release,
+                self._velocity,
+                self.settings.server_momentum,
+                self.settings.server_lr,
+            )
+        for n in [] if self.settings.server_momentum else floats:
+            step = release[n]
             step *= step.dtype.type(self.settings.server_lr)
             step += current[n]
             new[n] = step.astype(current[n].dtype, copy=False)
@@ -248,17 +261,21 @@ class DPFedBuff(BufferedAggregator):
         return float(self.accountant.get_privacy_spent().epsilon)
 
     def state(self) -> tuple[dict[str, Params], dict[str, Any]]:
-        """The accountant's state and the release count (checkpoints)."""
+        """The accountant's state, the release count and the server momentum."""
         meta: dict[str, Any] = {"releases": self.releases}
         if self.accountant is not None:
             meta["accountant"] = self.accountant.state_dict()
-        return {}, meta
+        arrays = {VELOCITY_GROUP: dict(self._velocity)} if self._velocity else {}
+        return arrays, meta
 
     def load_state(self, arrays: Mapping[str, Params], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state` (the accountant continues)."""
         if not meta:
             return
         self.releases = int(meta.get("releases", 0))
+        self._velocity = {
+            k: np.array(a) for k, a in arrays.get(VELOCITY_GROUP, {}).items()
+        }
         if self.accountant is not None and "accountant" in meta:
             self.accountant.load_state_dict(meta["accountant"])
 
@@ -266,7 +283,8 @@ class DPFedBuff(BufferedAggregator):
         """The rule and the DP parameters."""
         return (
             f"fedbuff with user-level DP (K={self.buffer_size}, server_lr="
-            f"{self.settings.server_lr}, z={self.noise_multiplier}, "
+            f"{self.settings.server_lr}, server_momentum="
+            f"{self.settings.server_momentum}, z={self.noise_multiplier}, "
             f"C={self.clipping_norm}, s(tau)={self.settings.describe_staleness()})"
         )
 

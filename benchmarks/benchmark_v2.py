@@ -78,18 +78,48 @@ AFL = "FedBuff"
 DEFAULT = "Default"
 # Candidates for the app's default, tuned on TUNE_SEEDS only (--tune-default):
 # run-config overrides on top of the app's defaults, each written out in full
-# (the tuning ran when K = clients-per-round and a = 0.5 were the defaults;
-# "fedbuff K=C" is that old default).
+# (K = C is the quick size's clients-per-round, 10; "fedbuff K=C" is the
+# default before issue 20).
 DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
-    "fedbuff K=C": {"aggregation": "fedbuff", "staleness-a": 0.5},
+    "fedbuff K=C": {"aggregation": "fedbuff", "buffer-size": 10, "staleness-a": 0.5},
     "fedbuff K=C/2": {"aggregation": "fedbuff", "buffer-size": 5, "staleness-a": 0.5},
-    "fedbuff K=C a=1": {"aggregation": "fedbuff", "staleness-a": 1.0},
+    "fedbuff K=C a=1": {
+        "aggregation": "fedbuff",
+        "buffer-size": 10,
+        "staleness-a": 1.0,
+    },
     "fedbuff K=C/2 a=1": {
         "aggregation": "fedbuff",
         "buffer-size": 5,
         "staleness-a": 1.0,
     },
-    "ca2fl K=C eta=0.3": {"aggregation": "ca2fl", "server-lr": 0.3},
+    "fedbuff K=C/2 a=2": {
+        "aggregation": "fedbuff",
+        "buffer-size": 5,
+        "staleness-a": 2.0,
+    },
+    # Server momentum on the K=C/2 a=1 default (FedBuff paper / FLSim's server
+    # SGD with momentum); eta_g / (1 - beta) is the steady-state step.
+    **{
+        f"fedbuff K=C/2 a=1 m={beta} lr={lr}": {
+            "aggregation": "fedbuff",
+            "buffer-size": 5,
+            "staleness-a": 1.0,
+            "fedbuff-server-momentum": beta,
+            "server-lr": lr,
+        }
+        for beta, lr in (
+            (0.9, 0.1),
+            (0.9, 0.2),
+            (0.7, 0.2),
+            (0.7, 0.3),
+            (0.5, 0.4),
+            (0.5, 0.5),
+            (0.5, 1.0),
+            (0.3, 0.7),
+        )
+    },
+    "ca2fl K=C eta=0.3": {"aggregation": "ca2fl", "buffer-size": 10, "server-lr": 0.3},
     "ca2fl K=C/2 eta=0.3": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.3},
     "ca2fl K=C/2 eta=0.5": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.5},
 }
@@ -243,6 +273,7 @@ def default_rule() -> dict[str, Any]:
         "aggregation",
         "buffer-size",
         "server-lr",
+        "fedbuff-server-momentum",
         "staleness-fn",
         "staleness-a",
         "staleness-b",
@@ -383,8 +414,15 @@ def make_jobs(
                         "seed": seed,
                         **method_overrides(method, size),
                     }
+                    # The default's row follows the app's defaults, which its
+                    # overrides leave implicit: key it by the resolved config.
+                    keyed = (
+                        AppConfig.from_run_config(overrides).to_run_config()
+                        if method == DEFAULT
+                        else overrides
+                    )
                     digest = hashlib.sha1(
-                        json.dumps(overrides, sort_keys=True).encode()
+                        json.dumps(keyed, sort_keys=True).encode()
                     ).hexdigest()[:8]
                     key = f"a{alpha}-{scenario}-{method}-s{seed}-{digest}"
                     key = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
@@ -677,8 +715,18 @@ def plot(cells: dict[str, Any], path: Path) -> None:
             if key == "final_acc":
                 low = np.nanmin(means) if not np.all(np.isnan(means)) else 0
                 ax.set_ylim(max(0.0, low - 0.1), 1.0)
-            else:
+            elif np.any(np.asarray(means) > 0):
                 ax.set_yscale("log")
+            else:  # no method reached the target on every seed
+                ax.text(
+                    0.5,
+                    0.5,
+                    "target missed on some seed by every method",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=7,
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -696,11 +744,11 @@ def report(
     name = "benchmark_v2" if size_name == "quick" else f"benchmark_v2_{size_name}"
     runs = len(records)
     run_s = sum(r["wall_s"] for r in records)
+    own = f"the runs' own times sum to {run_s / 60:.1f} min"
     timing = (
-        f"{wall / 60:.1f} min wall on this machine"
+        f"{wall / 60:.1f} min wall for this invocation (cached runs reused), {own}"
         if wall is not None
-        else f"table regenerated from cached runs whose own times sum to "
-        f"{run_s / 60:.1f} min"
+        else f"table regenerated from cached runs; {own}"
     )
     note = (
         f"\nSize `{size_name}`: {size.base}, {size.versions * size.base['buffer-size']}"

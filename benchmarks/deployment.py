@@ -9,11 +9,12 @@ One run measures, on the same machine and run config:
 2. **Deployments**: the runbook command exactly as ``docs/deployment.md`` prints
    it (TLS, node authentication, 3 SuperNodes on 127.0.0.1), with only where it
    runs appended (ports, work and results folders), once per variant:
-   ``before`` (node queue depth 1 and Flower's telemetry on: the runbook and
-   strategy as they were), then every ``--depths`` value (``node-queue-depth``
-   appended; at the default depth, the printed command itself: the
-   ``as printed`` row). Each SuperNode's ClientApp logs the split of every task
-   (``Cold task timing``); ``events.csv`` gives each node's cycle (reply to
+   ``before`` (``node-worker = "off"``: each train task imports torch, loads
+   its partition and trains cold in its own process, as before the node
+   worker), then every ``--depths`` value (``node-queue-depth`` appended; at
+   the default depth, the printed command itself: the ``as printed`` row).
+   Each SuperNode's ClientApp logs the split of every task (``Cold task
+   timing``); ``events.csv`` gives each node's cycle (reply to
    reply), its staleness and the accuracy.
 3. **The in-process engine** (:func:`afl_flwr.experiments.inprocess.run_inprocess`,
    the real ClientApp handlers in one process, node queue depth 1) on the same
@@ -78,18 +79,29 @@ t0 = time.time()
 import flwr.supernode.runtime.run_clientapp
 t1 = time.time()
 import afl_flwr.client_app as app
-from afl_flwr.config import AppConfig
 t2 = time.time()
+light = "torch" not in sys.modules
+import afl_flwr.client_task
+from afl_flwr.config import AppConfig
+t3 = time.time()
 cfg = AppConfig.from_run_config(json.loads(sys.argv[2]))
 app.client_trainset(cfg, 0)
-t3 = time.time()
-app.build_model(cfg)
 t4 = time.time()
+app.build_model(cfg)
+t5 = time.time()
 heavy = [m for m in ("datasets", "flwr_datasets", "matplotlib") if m in sys.modules]
 print(json.dumps({"interpreter": t0 - spawned, "flwr imports": t1 - t0,
-    "app imports": t2 - t1, "data": t3 - t2, "model": t4 - t3, "heavy": heavy}))
+    "ClientApp imports": t2 - t1, "training imports": t3 - t2, "data": t4 - t3,
+    "model": t5 - t4, "heavy": heavy, "ClientApp without torch": light}))
 """
-PHASES = ("interpreter", "flwr imports", "app imports", "data", "model")
+PHASES = (
+    "interpreter",
+    "flwr imports",
+    "ClientApp imports",
+    "training imports",
+    "data",
+    "model",
+)
 
 
 def printed_command() -> list[str]:
@@ -128,20 +140,21 @@ class Variant:
 
 
 def variants(depths: list[int]) -> list[Variant]:
-    """``before``, then one deployment per depth (the default: the printed command)."""
+    """``before``, then one deployment per depth (the default: the printed command).
+
+    ``before`` is the printed command as it was before the node worker: every
+    train task imports, loads and trains in its own process (``node-worker =
+    "off"``), at depth 1.
+    """
     default = AppConfig().node_queue_depth
-    out = [
-        Variant(
-            "before (depth 1, telemetry on)",
-            "node-queue-depth=1",
-            {"FLWR_TELEMETRY_ENABLED": "1"},
-        )
-    ]
+    out = [Variant("before (node worker off, depth 1)", "node-worker='off'")]
     for depth in depths:
         if depth == default:
-            out.append(Variant(f"as printed (default depth {depth})"))
+            out.append(Variant(f"as printed (node worker, default depth {depth})"))
         else:
-            out.append(Variant(f"depth {depth}", f"node-queue-depth={depth}"))
+            out.append(
+                Variant(f"node worker, depth {depth}", f"node-queue-depth={depth}")
+            )
     return out
 
 
@@ -170,8 +183,16 @@ def cold_task(
         warm = [probe(src, config, cache) for _ in range(repeats)]
     medians = {p: statistics.median(run[p] for run in warm) for p in PHASES}
     return {
-        "cold cache": {**{p: first[p] for p in PHASES}, "heavy": first["heavy"]},
-        "warm cache": {**medians, "heavy": warm[0]["heavy"]},
+        "cold cache": {
+            **{p: first[p] for p in PHASES},
+            "heavy": first["heavy"],
+            "ClientApp without torch": first["ClientApp without torch"],
+        },
+        "warm cache": {
+            **medians,
+            "heavy": warm[0]["heavy"],
+            "ClientApp without torch": warm[0]["ClientApp without torch"],
+        },
     }
 
 
@@ -215,6 +236,7 @@ class CpuSampler(threading.Thread):
         "flower-superlink",
         "flower-supernode",
         "flower-superexec",
+        "afl_flwr.node_worker",
     )
 
     def __init__(self, work: Path) -> None:
@@ -421,8 +443,18 @@ def tables(result: dict[str, Any]) -> str:
     rows = []
     for label, phases in cold.items():
         total = sum(phases[p] for p in PHASES)
-        rows.append([label, *(phases[p] for p in PHASES), total, phases["heavy"]])
-    probe_table = markdown_table(["code, cache", *PHASES, "total s", "heavy"], rows)
+        rows.append(
+            [
+                label,
+                *(phases[p] for p in PHASES),
+                total,
+                phases["heavy"],
+                phases["ClientApp without torch"],
+            ]
+        )
+    probe_table = markdown_table(
+        ["code, cache", *PHASES, "total s", "heavy", "ClientApp without torch"], rows
+    )
 
     deployments, sims = result["deployments"], result["simulation"]
     split = markdown_table(

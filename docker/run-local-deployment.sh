@@ -143,6 +143,15 @@ cleanup() {
     done
     kill -KILL "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
+    # Each node's warm trainer (python -m afl_flwr.node_worker, run config
+    # node-worker) exits within a second of its SuperNode: wait for it.
+    if command -v pgrep >/dev/null; then
+      pgid=$(ps -o pgid= $$ | tr -d ' ')
+      for _ in $(seq 50); do
+        pgrep -g "$pgid" -f afl_flwr.node_worker >/dev/null || break
+        sleep 0.2
+      done
+    fi
   fi
   echo "Logs: $work_dir/logs"
   exit "$status"

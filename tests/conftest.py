@@ -3,9 +3,11 @@
 import contextlib
 import gzip
 import os
+import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,3 +169,30 @@ def kill_group(pid: int) -> None:
     """SIGKILL a process group, ignoring one that is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def short_dir():
+    """A fresh folder with a short path (for Unix sockets), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="afw-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint_round_trip(rule, params, path: Path, make_rule):
+    """Write ``params`` and ``rule``'s state to ``path``; read them into a new rule.
+
+    Returns the loaded params and ``make_rule()`` with the loaded state.
+    """
+    from afl_flwr.checkpoint import load_checkpoint, save_checkpoint
+
+    arrays, meta = rule.state()
+    save_checkpoint(
+        path, params, {"aggregator": meta, "param_order": list(params)}, arrays
+    )
+    loaded, state = load_checkpoint(path)
+    restored = make_rule()
+    restored.load_state(state["extra_arrays"], state["aggregator"])
+    return loaded, restored

@@ -148,6 +148,15 @@ def background(
             proc.send_signal(signal.SIGTERM)  # the runbook's trap stops its nodes
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=20)
+        # The rest of its group (SuperExec, a node worker) follows its parent
+        # within a second or two: give it that before killing what is left.
+        deadline = time.time() + 10.0
+        while time.time() < deadline and proc.poll() is not None:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
         kill_group(proc.pid)
         proc.wait()
 

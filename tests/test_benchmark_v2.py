@@ -72,3 +72,30 @@ def test_the_json_marks_the_default_method(tmp_path):
     assert data["default_method"] == "Default"
     assert data["default_method"] in next(iter(data["cells"].values()))["methods"]
     assert data["default_rule"]["aggregation"] == AppConfig().aggregation
+
+
+def test_the_default_rows_cache_follows_the_apps_defaults(monkeypatch):
+    # Prepare: the jobs' cache files under the app's defaults
+    bench = _bench()
+    size = bench.SIZES["quick"]
+    methods = ("Default", "FedBuff")
+
+    def caches():
+        jobs = bench.make_jobs(size, {}, Path("/tmp/unused"), methods=methods)
+        return {m: [j["cache"] for j in jobs if j["method"] == m] for m in methods}
+
+    before = caches()
+
+    # Execute: a changed app default (the Default row's overrides stay the same)
+    resolved = AppConfig.to_run_config
+    monkeypatch.setattr(
+        AppConfig,
+        "to_run_config",
+        lambda self: {**resolved(self), "fedbuff-server-momentum": 0.5},
+    )
+    after = caches()
+
+    # Assert: every Default run is keyed anew (a cached run is not reused);
+    # methods that spell out their settings keep their cache
+    assert not set(before["Default"]) & set(after["Default"])
+    assert before["FedBuff"] == after["FedBuff"]

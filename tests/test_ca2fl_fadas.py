@@ -7,7 +7,13 @@ correction), on flattened float64 vectors, independently of the modules.
 
 import numpy as np
 import pytest
-from conftest import FakeGrid, make_params, shift_by, to_record
+from conftest import (
+    FakeGrid,
+    checkpoint_round_trip,
+    make_params,
+    shift_by,
+    to_record,
+)
 
 from afl_flwr import StalenessAwareAsyncStrategy
 from afl_flwr.aggregation import Params
@@ -19,7 +25,7 @@ from afl_flwr.aggregators import (
     aggregation_names,
     make_aggregator,
 )
-from afl_flwr.checkpoint import load_checkpoint, save_checkpoint
+from afl_flwr.checkpoint import load_checkpoint
 from afl_flwr.config import AppConfig
 
 SHAPES = {"w": (3, 2), "b": (2,)}
@@ -353,12 +359,7 @@ def test_merging_after_a_checkpoint_round_trip_is_bit_identical(tmp_path, make_r
     rounds = _make_rounds(seed=21)
     rule = make_rule()
     x = _run(rule, make_params(0), rounds[:2], population=6)
-    arrays, meta = rule.state()
-    path = tmp_path / "ck.npz"
-    save_checkpoint(path, x, {"aggregator": meta, "param_order": list(x)}, arrays)
-    loaded, state = load_checkpoint(path)
-    restored = make_rule()
-    restored.load_state(state["extra_arrays"], state["aggregator"])
+    loaded, restored = checkpoint_round_trip(rule, x, tmp_path / "ck.npz", make_rule)
 
     # Execute: the remaining merges, with and without the round trip
     straight = _run(rule, x, rounds[2:], population=6)

@@ -32,7 +32,9 @@ from deployment_helpers import (
 pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
 
 
-def test_insecure_deployment_trains_three_partitions_asynchronously(tmp_path):
+def test_insecure_deployment_trains_three_partitions_asynchronously(
+    tmp_path, short_dir
+):
     # Prepare
     work = tmp_path / "deployment"
     command = runbook(
@@ -45,15 +47,27 @@ def test_insecure_deployment_trains_three_partitions_asynchronously(tmp_path):
         tls=False,
     )
 
+    workers = short_dir  # the node workers' sockets, keys and logs
+    env = {**deployment_env(), "AFL_FLWR_WORKER_DIR": str(workers)}
+
     # Execute
     try:
-        proc = run_bounded(command, timeout=DEPLOYMENT_TIMEOUT_S, env=deployment_env())
+        proc = run_bounded(command, timeout=DEPLOYMENT_TIMEOUT_S, env=env)
     finally:
         leftovers = stop_leftovers(work)
 
     # Assert
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "Run status: finished:completed" in proc.stdout
+    # Every train task ran on its node's worker (node-worker = auto), one
+    # worker per node for the whole run, and every worker went with its node
+    for i in range(3):
+        log = (work / "logs" / f"supernode-{i}.log").read_text()
+        timings = re.findall(r"Cold task timing: .*", log)
+        pids = set(re.findall(r"on node worker (\d+)", log))
+        assert len(timings) >= 2 and all("on node worker" in t for t in timings)
+        assert len(pids) == 1, timings
+    assert not list(workers.iterdir())  # no socket, key, log or lock left
     folder = run_folder(work)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["versions"] == 6

@@ -287,11 +287,11 @@ def test_only_the_first_train_task_of_a_process_logs_its_cold_start(
     mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: a fresh process's task counter, and a recorder for the log.
-    from afl_flwr import client_app
+    from afl_flwr import client_app, client_task
     from afl_flwr.experiments.inprocess import run_inprocess
 
     calls: list[tuple[object, ...]] = []
-    monkeypatch.setattr(client_app, "_TRAIN_TASKS", itertools.count())
+    monkeypatch.setattr(client_task, "_TRAIN_TASKS", itertools.count())
     monkeypatch.setattr(client_app, "log", lambda *args: calls.append(args))
     config = {
         "model": "mlp",
@@ -313,6 +313,7 @@ def test_only_the_first_train_task_of_a_process_logs_its_cold_start(
     assert summary["updates"]["merged"] >= 3
     timings = [c for c in calls if "Cold task timing" in str(c[1])]
     assert len(timings) == 1
-    age, cpu, *phases = timings[0][2:]
+    age, cpu, *phases, where = timings[0][2:]
     assert age > 0 and cpu > 0  # the process started before this test ran
     assert all(phase >= 0 for phase in phases) and len(phases) == 3
+    assert where == ""  # trained in this process, not on a node worker

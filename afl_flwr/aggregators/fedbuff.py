@@ -7,13 +7,21 @@ average. The average here weighs clients by their example counts (FedAvg's
 ``n_i / sum n``, i.e. ``1/K`` for equal clients), so at zero staleness the merge
 is bit-identical to Flower's FedAvg. The default ``s(tau) = 1/sqrt(1 + tau)`` is
 FLSim's polynomial staleness weight with exponent 0.5.
+
+``server_momentum`` (``beta``, default 0) turns the server step into SGD with
+heavy-ball momentum on the merged delta, the server optimiser of the FedBuff
+paper's experiments and of FLSim's asynchronous aggregators (PyTorch's
+convention, as Flower's ``FedAvgM``): ``v <- beta v + d``, ``x <- x + eta_g v``.
+The velocity ``v`` is checkpointed with the run.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from afl_flwr.aggregation import Params, fedbuff_update
+import numpy as np
+
+from afl_flwr.aggregation import Params, fedbuff_update, momentum_step, weighted_delta
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
     BufferedAggregator,
@@ -23,7 +31,10 @@ from afl_flwr.aggregators.base import (
     bases_of,
     positive,
 )
-from afl_flwr.settings import setting
+from afl_flwr.settings import SettingError, setting
+
+# Checkpoint group of the server momentum.
+VELOCITY_GROUP = "fedbuff-velocity"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,23 +42,36 @@ class FedBuffSettings(StalenessSettings, BufferSettings):
     """FedBuff's settings: ``K``, ``eta_g`` and ``s(tau)``."""
 
     server_lr: float = setting(1.0, "eta_g, the server learning rate")
+    server_momentum: float = setting(
+        0.0,
+        "beta, server momentum: SGD with heavy-ball momentum on the merged delta "
+        "(v = beta v + d, x = x + eta_g v); 0: plain FedBuff",
+    )
 
     def validate(self) -> None:
-        """``eta_g > 0``, plus the buffer and staleness checks."""
+        """``eta_g > 0``, ``0 <= beta < 1``, plus the buffer and staleness checks."""
         super().validate()
         positive("server_lr", self.server_lr)
+        beta = self.server_momentum
+        if isinstance(beta, bool) or not 0.0 <= beta < 1.0:
+            raise SettingError("server_momentum", beta, "must be in [0, 1)")
 
 
 @AGGREGATORS.register("fedbuff")
 class FedBuff(BufferedAggregator):
     """``x <- x + eta_g sum_i n_i s(tau_i) (x_i - x_base_i) / sum_i n_i``.
 
+    With ``server_momentum = beta > 0`` the merged delta ``d`` (the sum above
+    without ``eta_g``) drives a heavy-ball step: ``v <- beta v + d``,
+    ``x <- x + eta_g v``.
+
     Parameters
     ----------
     settings : FedBuffSettings, optional (default: None)
         ``buffer_size`` (``K``, default 5), ``server_lr`` (``eta_g``, default
-        1.0), ``staleness_fn`` / ``staleness_a`` / ``staleness_b`` (default
-        ``polynomial`` with ``a = 1``); also accepted as keywords.
+        1.0), ``server_momentum`` (``beta``, default 0), ``staleness_fn`` /
+        ``staleness_a`` / ``staleness_b`` (default ``polynomial`` with
+        ``a = 1``); also accepted as keywords.
     """
 
     name = "fedbuff"
@@ -59,6 +83,7 @@ class FedBuff(BufferedAggregator):
     ) -> None:
         super().__init__(settings, **overrides)
         self.staleness_fn = self.settings.make_staleness_fn()
+        self._velocity: Params = {}
 
     @property
     def server_lr(self) -> float:
@@ -69,13 +94,37 @@ class FedBuff(BufferedAggregator):
         """``n_i s(tau_i)``."""
         return update.num_examples * self.staleness_fn(update.staleness)
 
+    @property
+    def velocity(self) -> Params:
+        """The server momentum ``v`` (empty before the first merge or at beta = 0)."""
+        return self._velocity
+
     def step(self, weights: Params, buffer: Sequence[Update]) -> Params:
         """Apply the buffer's staleness-scaled, example-weighted mean delta."""
-        return fedbuff_update(
-            weights,
-            [u.params for u in buffer],
-            bases_of(buffer),
-            [u.num_examples for u in buffer],
-            [self.staleness_fn(u.staleness) for u in buffer],
-            self.server_lr,
+        params = [u.params for u in buffer]
+        counts = [u.num_examples for u in buffer]
+        scales = [self.staleness_fn(u.staleness) for u in buffer]
+        beta = self.settings.server_momentum
+        if not beta:
+            return fedbuff_update(
+                weights, params, bases_of(buffer), counts, scales, self.server_lr
+            )
+        total = float(sum(counts))
+        factors = [n / total * s for n, s in zip(counts, scales, strict=True)]
+        delta = weighted_delta(params, bases_of(buffer), factors, list(weights))
+        new, self._velocity = momentum_step(
+            weights, delta, self._velocity, beta, self.server_lr
         )
+        return new
+
+    def state(self) -> tuple[dict[str, Params], dict[str, Any]]:
+        """The server momentum ``v`` (one group; none at beta = 0)."""
+        if not self._velocity:
+            return {}, {}
+        return {VELOCITY_GROUP: dict(self._velocity)}, {"momentum": True}
+
+    def load_state(self, arrays: Mapping[str, Params], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`state`."""
+        self._velocity = {
+            k: np.array(a) for k, a in arrays.get(VELOCITY_GROUP, {}).items()
+        }
