@@ -194,6 +194,7 @@ def _start(address: Path, watch_pid: int, idle_timeout_s: float) -> Connection:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                env=worker_env(),
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -212,6 +213,21 @@ def _start(address: Path, watch_pid: int, idle_timeout_s: float) -> Connection:
             f"the node worker did not listen within {START_TIMEOUT_S:.0f} s; its "
             f"log: {_log_path(address)}"
         )
+
+
+def worker_env() -> dict[str, str]:
+    """A new worker's environment: ours, with our ``afl_flwr`` first on the path.
+
+    A SuperNode imports the app from the FAB it installed for the run, which
+    need not be (or match) a copy installed in the interpreter: the worker
+    imports the same package as the task that starts it.
+    """
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (package_root, path) if p),
+    }
 
 
 # ------------------------------------------------------------------ the worker

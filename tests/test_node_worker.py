@@ -7,6 +7,7 @@ stopped by pid at the end, also on failure.
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,26 @@ def test_the_worker_folder_must_be_private_and_socket_paths_short(
     monkeypatch.setenv("AFL_FLWR_WORKER_DIR", str(deep))
     with pytest.raises(ValueError, match="AFL_FLWR_WORKER_DIR"):
         node_worker.worker_address(1, 2)
+
+
+def test_a_worker_imports_the_afl_flwr_of_the_task_that_starts_it(tmp_path):
+    # Prepare: a copy of the package elsewhere, as a SuperNode installs a FAB
+    copy = tmp_path / "fab"
+    shutil.copytree(Path(node_worker.__file__).parent, copy / "afl_flwr")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from afl_flwr import node_worker\n"
+        "print(node_worker.worker_env()['PYTHONPATH'].split(':')[0])\n"
+    )
+
+    # Execute
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(copy)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
+
+    # Assert: the worker's path starts at the copy, not at an installed one
+    assert Path(out) == copy.resolve()
