@@ -50,6 +50,8 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 # A worker exits after this long without a task.
 IDLE_TIMEOUT_S = 300.0
 # How long a task waits for a new worker to listen (it imports torch first).
@@ -234,16 +236,11 @@ def worker_env() -> dict[str, str]:
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (and is not a zombie)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:  # e.g. another user's process: it exists
         return True
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return status != "Z"
 
 
 def serve(address: Path, watch_pid: int, idle_timeout_s: float) -> None:

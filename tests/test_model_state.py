@@ -23,6 +23,16 @@ from afl_flwr.replies import arrayrecord_to_params
 from afl_flwr.strategy import StalenessAwareAsyncStrategy
 
 RULES = sorted(AGGREGATORS.names())
+# Every rule, plus FedBuff with server momentum (a second code path).
+MOMENTUM = "fedbuff+momentum"
+VARIANTS = [*RULES, MOMENTUM]
+
+
+def _variant(variant: str) -> tuple[str, dict[str, float]]:
+    """The rule's name and the settings that make the variant."""
+    if variant == MOMENTUM:
+        return "fedbuff", {"fedbuff_server_momentum": 0.9, "server_lr": 0.1}
+    return variant, {}
 
 
 def _resnet_params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -100,8 +110,8 @@ def test_average_state_is_the_example_weighted_mean_rounded_for_integers():
 
 
 # ------------------------------------------------------ every rule, no loop
-@pytest.mark.parametrize("rule", RULES)
-def test_every_rule_averages_state_and_steps_only_weights(rule):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rule_averages_state_and_steps_only_weights(variant):
     # Prepare: the global model moved on since the clients' (old) base; the
     # clients' BN variances are below the base's, so a delta step on them
     # (x + s * (x_i - base)) would drive them negative
@@ -111,7 +121,9 @@ def test_every_rule_averages_state_and_steps_only_weights(rule):
     }
     clients = [_client(base, seed) for seed in (1, 2, 3)]
     counts = [10.0, 30.0, 60.0]
-    aggregator = make_aggregator(rule, {"buffer_size": 3} if rule != "fedasync" else {})
+    rule, extra = _variant(variant)
+    sizes = {"buffer_size": 3} if rule != "fedasync" else {}
+    aggregator = make_aggregator(rule, {**sizes, **extra})
     state = state_names(base)
     aggregator.bind_state(state)
 
@@ -186,9 +198,10 @@ def _bn_reply(offset: int):
     return reply
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_a_resnet20_comes_through_every_rule_without_nan(rule):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_resnet20_comes_through_every_rule_without_nan(variant):
     # Prepare: 4 nodes, one slow (stale updates), the ResNet-20 state dict
+    rule, extra = _variant(variant)
     torch.manual_seed(0)
     model = ResNet20(in_channels=1)
     initial = ArrayRecord(model.state_dict())
@@ -198,7 +211,7 @@ def test_a_resnet20_comes_through_every_rule_without_nan(rule):
         delays={1: 5, 2: 1, 3: 1, 4: 2},
     )
     strategy = StalenessAwareAsyncStrategy(
-        concurrency=3, aggregation=rule, poll_interval=0.0
+        concurrency=3, aggregation=rule, poll_interval=0.0, **extra
     )
 
     # Execute
