@@ -217,8 +217,8 @@ def momentum_step(
     ``v <- beta v + d`` (``v = d`` for an array with no velocity yet), then
     ``x <- x + eta v``: PyTorch's ``SGD(momentum=beta)`` convention, as in
     Flower's ``FedAvgM`` and FLSim's asynchronous ``FedAvgWithLR`` aggregator,
-    with the pseudo-gradient ``-d``. FedBuff's experiments (Nguyen et al.,
-    AISTATS 2022) use this server optimiser.
+    with the pseudo-gradient ``-d``. FedBuff (Nguyen et al., AISTATS 2022)
+    leaves the server optimiser open; this is one choice for it.
 
     Parameters
     ----------

@@ -98,7 +98,7 @@ DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
         "buffer-size": 5,
         "staleness-a": 2.0,
     },
-    # Server momentum on the K=C/2 a=1 default (FedBuff paper / FLSim's server
+    # Server momentum on the K=C/2 a=1 default (FLSim's asynchronous server
     # SGD with momentum); eta_g / (1 - beta) is the steady-state step.
     **{
         f"fedbuff K=C/2 a=1 m={beta} lr={lr}": {

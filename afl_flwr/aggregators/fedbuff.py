@@ -9,9 +9,10 @@ is bit-identical to Flower's FedAvg. The default ``s(tau) = 1/sqrt(1 + tau)`` is
 FLSim's polynomial staleness weight with exponent 0.5.
 
 ``server_momentum`` (``beta``, default 0) turns the server step into SGD with
-heavy-ball momentum on the merged delta, the server optimiser of the FedBuff
-paper's experiments and of FLSim's asynchronous aggregators (PyTorch's
-convention, as Flower's ``FedAvgM``): ``v <- beta v + d``, ``x <- x + eta_g v``.
+heavy-ball momentum on the merged delta. The paper leaves the server optimiser
+open (FedBuff is "agnostic to the choice of optimizer"); this one is FLSim's
+asynchronous ``FedAvgWithLR`` aggregator with momentum, in PyTorch's
+convention, as Flower's ``FedAvgM``: ``v <- beta v + d``, ``x <- x + eta_g v``.
 The velocity ``v`` is checkpointed with the run.
 """
 
