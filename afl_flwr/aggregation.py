@@ -9,7 +9,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 
 Params = dict[str, np.ndarray]
 
@@ -49,6 +48,8 @@ def mix_immediate(
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"mixing rate must be in [0, 1], got {rate}")
+    import torch  # here: the config imports this module and must not need torch
+
     new: Params = {}
     with warnings.catch_warnings():
         # Reply arrays are read-only views of the message bytes; lerp only
@@ -187,6 +188,8 @@ def apply_deltas(
         base_by_id[id(base)] = base
     terms = list(zip(updates, factors, strict=True))
     terms += [(base_by_id[key], -c) for key, c in base_factor.items()]
+    import torch  # here: the config imports this module and must not need torch
+
     new: Params = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only reply views
@@ -203,6 +206,38 @@ def apply_deltas(
             torch.add(torch.from_numpy(x), acc, alpha=server_lr, out=acc)
             new[name] = acc.numpy()
     return new
+
+
+def warmup_lr(server_lr: float, merge: int, warmup: int) -> float:
+    """Server learning rate of the ``merge``-th merge under a linear warm-up.
+
+    ``eta_t = eta min(1, t / W)`` for merge ``t = 1, 2, ...``: the gradual warm-up
+    of Goyal et al. (2017, "Accurate, Large Minibatch SGD", Sec. 2.2), counted in
+    merges, so the first ``W - 1`` merges (whose buffers hold updates trained from
+    the earliest versions) move the model by a growing fraction of ``eta``.
+    ``W = 0`` (or 1) is no warm-up.
+
+    Parameters
+    ----------
+    server_lr : float
+        ``eta > 0``.
+    merge : int
+        ``t >= 1``: this merge's number in the run (1 for the first).
+    warmup : int
+        ``W >= 0`` merges.
+
+    Returns
+    -------
+    float
+        ``eta_t``.
+    """
+    if merge < 1:
+        raise ValueError(f"merge={merge} must be >= 1")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} must be >= 0")
+    if warmup <= 1 or merge >= warmup:
+        return server_lr
+    return server_lr * merge / warmup
 
 
 def momentum_step(

@@ -6,9 +6,10 @@ Handles ``train`` (local training from the received global model),
 work itself is in :mod:`afl_flwr.client_task`.
 
 A deployed SuperNode runs every message in a fresh process. Under one, train
-tasks go to the node's warm worker by default (run-config key ``node-worker``,
-:mod:`afl_flwr.node_worker`): this module imports Flower and numpy only, so a
-task process neither imports torch nor loads data. Each train task's process
+tasks and the profile query go to the node's warm worker by default (run-config
+key ``node-worker``, :mod:`afl_flwr.node_worker`; the worker warms up after the
+profile, before the first train task): this module imports Flower and numpy
+only, so a task process neither imports torch nor loads data. Each train task's process
 logs what it cost before training (``Cold task timing: ...``), which
 ``benchmarks/deployment.py`` reads.
 """
@@ -34,6 +35,7 @@ from afl_flwr.constants import (
     METRICS_KEY,
     NODE_WORKER_KEY,
     NODE_WORKER_MODES,
+    PROFILE_KEY,
 )
 
 if TYPE_CHECKING:
@@ -80,8 +82,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.query("profile")
     def _profile(msg: Message, context: Context) -> Message:
+        run_config = run_config_of(context)
+        if uses_node_worker(run_config):
+            return profile_on_worker(msg, context, run_config)
         task = _task()
-        return task.query_profile(msg, context, _app_config(run_config_of(context)))
+        return task.query_profile(msg, context, _app_config(run_config))
 
     return client_app
 
@@ -98,7 +103,9 @@ def train(msg: Message, context: Context, cfg: "AppConfig") -> Message:
 
 
 def uses_node_worker(run_config: Mapping[str, Any]) -> bool:
-    """Whether train tasks go to the node's warm worker (``node-worker``).
+    """Whether train tasks and profile queries go to the node's warm worker.
+
+    The run-config key ``node-worker``:
 
     ``auto`` (the default): when this process is Flower's per-message
     ``flwr-clientapp`` process of a SuperNode; ``on``: always; ``off``: never
@@ -143,6 +150,36 @@ def train_on_worker(
         {ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(answer["metrics"])}
     )
     return Message(content=content, reply_to=msg)
+
+
+def profile_on_worker(
+    msg: Message, context: Context, run_config: Mapping[str, Any]
+) -> Message:
+    """Answer the profile query and get the node's worker going: ``query_profile``.
+
+    With the partition in the on-disk cache, this process answers from the
+    cache file's labels (:func:`afl_flwr.profiles.cached_profile`, no torch)
+    and starts the worker without waiting (:func:`~afl_flwr.node_worker.prestart`;
+    it warms up while the SuperNode sleeps before its next pull). Otherwise the
+    worker answers (loading and caching the partition) and then warms up.
+    """
+    from afl_flwr import node_worker
+    from afl_flwr.clock import NodeProfile
+    from afl_flwr.profiles import cached_profile
+
+    address = node_worker.worker_address(context.run_id, context.node_id)
+    request = {
+        "op": node_worker.PROFILE,
+        "run_config": dict(run_config),
+        "node_config": dict(context.node_config),
+    }
+    profile = cached_profile(context, _app_config(run_config))
+    if profile is not None:
+        node_worker.prestart(address, request, watch_pid=os.getppid())
+    else:
+        answer = node_worker.call_worker(address, request, watch_pid=os.getppid())
+        profile = NodeProfile(**answer["profile"])
+    return Message(content=RecordDict({PROFILE_KEY: profile.to_record()}), reply_to=msg)
 
 
 def _with_client_clipping(msg: Message, context: Context, fit: Any) -> Message:

@@ -29,8 +29,8 @@ from flwr.app import (
 from torch.utils.data import DataLoader, TensorDataset
 
 from afl_flwr.client_app import log_task_timing, process_age_s
-from afl_flwr.clock import NodeProfile, speed_factor
-from afl_flwr.config import AppConfig, ConfigError
+from afl_flwr.clock import NodeProfile
+from afl_flwr.config import AppConfig
 from afl_flwr.constants import (
     ARRAYS_KEY,
     CLIENT_DELAY,
@@ -39,13 +39,9 @@ from afl_flwr.constants import (
     EVAL_ACC,
     EVAL_LOSS,
     LOCAL_EPOCHS,
-    MAX_DELAY_S,
     METRICS_KEY,
     NUM_EXAMPLES,
-    NUM_PARTITIONS,
-    PARTITION_ID,
     PROFILE_KEY,
-    SPEED_FACTOR,
     STEPS,
     TASK_SEED,
     TRAIN_LOSS,
@@ -53,7 +49,12 @@ from afl_flwr.constants import (
 )
 from afl_flwr.data import get_dataset_spec
 from afl_flwr.models import get_model
-from afl_flwr.partition_cache import PartitionRequest, load_partition_cached
+from afl_flwr.partition_cache import load_partition_cached
+from afl_flwr.profiles import (
+    node_partition,
+    partition_request,
+    profile_with,
+)
 from afl_flwr.training import evaluate, get_device, train_local
 
 # Train tasks handled by this process; the first one logs its cold-start timing.
@@ -166,6 +167,37 @@ def fit_model(
     return Fit(model=model, metrics=metrics, timing=timing)
 
 
+# Batches of the throwaway training pass that warms a node worker up.
+WARM_UP_BATCHES = 2
+
+
+def warm_up(cfg: AppConfig, node_config: Mapping[str, Any]) -> float:
+    """Run a throwaway training pass on this node's data; its seconds.
+
+    Builds the configured model and trains it on the partition's first
+    :data:`WARM_UP_BATCHES` batches (no shuffling), then drops it, so a process's
+    one-time costs (the partition read, the optimiser's and the kernels' first
+    calls) are paid before its first real task. Nothing it touches is read by
+    :func:`fit_model` again except the cached partition: ``fit_model`` loads the
+    received weights and seeds torch from the task before it trains.
+    """
+    started = time.perf_counter()
+    trainset = client_trainset(cfg, node_partition(node_config, cfg))
+    count = min(len(trainset), WARM_UP_BATCHES * cfg.batch_size)
+    subset = torch.utils.data.Subset(trainset, range(count))
+    train_local(
+        build_model(cfg),
+        DataLoader(subset, batch_size=cfg.batch_size),
+        epochs=1,
+        lr0=cfg.learning_rate,
+        alpha=0.0,
+        tau=0.0,
+        patience=cfg.patience,
+        device=get_device(),
+    )
+    return time.perf_counter() - started
+
+
 def evaluate_local(msg: Message, context: Context, cfg: AppConfig) -> Message:
     """Evaluate the received model on the local partition."""
     partition_id = node_partition(context, cfg)
@@ -185,57 +217,16 @@ def query_profile(msg: Message, context: Context, cfg: AppConfig) -> Message:
     return Message(content=RecordDict({PROFILE_KEY: profile.to_record()}), reply_to=msg)
 
 
-def node_partition(context: Context | Mapping[str, Any], cfg: AppConfig) -> int:
-    """Return the node's partition id, validated against ``num-clients``.
-
-    ``context`` is the task's Context or its node config.
-
-    Raises
-    ------
-    ConfigError
-        When the node config lacks ``partition-id`` or it is out of range.
-    """
-    node_config = _node_config(context)
-    if PARTITION_ID not in node_config:
-        raise ConfigError(
-            f"node config has no '{PARTITION_ID}'; start the SuperNode with "
-            f'--node-config "{PARTITION_ID}=<i> {NUM_PARTITIONS}=<N>"'
-        )
-    partition_id = int(node_config[PARTITION_ID])
-    if not 0 <= partition_id < cfg.num_clients:
-        raise ConfigError(
-            f"{PARTITION_ID}={partition_id} is out of range for num-clients="
-            f"{cfg.num_clients}; allowed: 0..{cfg.num_clients - 1} (set num-clients "
-            "to the number of SuperNodes)"
-        )
-    return partition_id
-
-
 def node_profile(
     context: Context | Mapping[str, Any], cfg: AppConfig, partition_id: int
 ) -> NodeProfile:
     """The node's profile: ``--node-config`` values win over run-config defaults.
 
-    ``context`` is the task's Context or its node config.
+    ``context`` is the task's Context or its node config; the example count is
+    the loaded partition's (:func:`client_trainset`).
     """
-    node_config = _node_config(context)
-    speed = node_config.get(SPEED_FACTOR)
-    if speed is None:
-        speed = speed_factor(
-            partition_id,
-            cfg.num_clients,
-            spread=cfg.speed_spread,
-            straggler_fraction=cfg.straggler_fraction,
-            straggler_slowdown=cfg.straggler_slowdown,
-            seed=cfg.seed,
-        )
-    max_delay = node_config.get(MAX_DELAY_S, cfg.max_delay_s)
-    return NodeProfile(
-        partition_id=partition_id,
-        num_examples=len(client_trainset(cfg, partition_id)),
-        speed_factor=float(speed),  # type: ignore[arg-type]
-        max_delay_s=float(max_delay),  # type: ignore[arg-type]
-    )
+    count = len(client_trainset(cfg, partition_id))
+    return profile_with(context, cfg, partition_id, count)
 
 
 # Large enough for every partition of a federation served from one process
@@ -243,26 +234,13 @@ def node_profile(
 @lru_cache(maxsize=256)
 def client_trainset(cfg: AppConfig, partition_id: int) -> TensorDataset:
     """Return the training partition of a node: once per process, once per disk."""
-    request = PartitionRequest(
-        dataset=cfg.dataset,
-        data_dir=cfg.data_dir,
-        num_partitions=cfg.num_clients,
-        partition_id=partition_id,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-        num_test=cfg.num_test,
-    )
-    return load_partition_cached(request)
+    return load_partition_cached(partition_request(cfg, partition_id))
 
 
 def build_model(cfg: AppConfig) -> torch.nn.Module:
     """The configured model for the configured data set."""
     spec = get_dataset_spec(cfg.dataset)
     return get_model(cfg.model, spec.in_channels, spec.num_classes)
-
-
-def _node_config(context: Context | Mapping[str, Any]) -> Mapping[str, Any]:
-    return context.node_config if isinstance(context, Context) else context
 
 
 def _number(value: object, key: str) -> float:

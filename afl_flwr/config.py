@@ -25,9 +25,8 @@ from afl_flwr.aggregators import (
     setting_keyword,
 )
 from afl_flwr.clock import PROFILE_QUERIES
-from afl_flwr.constants import NODE_WORKER_MODES
+from afl_flwr.constants import MODEL_NAMES, NODE_WORKER_MODES
 from afl_flwr.data import DATASETS
-from afl_flwr.models import MODELS
 from afl_flwr.selection import SELECTIONS
 from afl_flwr.settings import ConfigError, SettingError, coerce, kebab, setting
 from afl_flwr.staleness import STALENESS_FUNCTIONS
@@ -371,7 +370,7 @@ class AppConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad key."""
         _choice("mode", self.mode, MODES)
         _choice("dataset", self.dataset, sorted(DATASETS))
-        _choice("model", self.model, sorted(MODELS))
+        _choice("model", self.model, MODEL_NAMES)
         _choice("aggregation", self.aggregation, aggregation_names())
         _choice("staleness-fn", self.staleness_fn, sorted(STALENESS_FUNCTIONS))
         _choice("selection", self.selection, sorted(SELECTIONS))

@@ -39,3 +39,7 @@ MAX_DELAY_S = "max-delay-s"
 # Run-config key choosing where a SuperNode's train tasks run (afl_flwr.node_worker).
 NODE_WORKER_KEY = "node-worker"
 NODE_WORKER_MODES = ("auto", "on", "off")
+
+# Names of the models in afl_flwr.models.MODELS (here so the run config is
+# validated without importing torch; a test keeps the two equal).
+MODEL_NAMES = ("mlp", "paper-cnn", "resnet20", "small-cnn")

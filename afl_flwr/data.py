@@ -22,7 +22,9 @@ Each process loads and partitions a data set once: :func:`load_partition`,
 ``functools.lru_cache``-backed pool, reused across messages. Hugging Face
 ``datasets`` and ``flwr_datasets`` (with their pandas/matplotlib imports) are
 imported only when a pool is built, so a process that reads a partition from the
-on-disk cache (:mod:`afl_flwr.partition_cache`) never pays for them.
+on-disk cache (:mod:`afl_flwr.partition_cache`) never pays for them; torch is
+imported where tensors are made, so the registry and the source files can be
+read without it (a SuperNode's task process answers its profile query that way).
 """
 
 import gzip
@@ -34,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.common.logger import log
-from torch.utils.data import TensorDataset
 
 if TYPE_CHECKING:
     import datasets
+    import torch
     from flwr_datasets.partitioner import DirichletPartitioner
+    from torch.utils.data import TensorDataset
 
 from afl_flwr.constants import NUM_PARTITIONS, PARTITION_ID
 
@@ -368,7 +370,7 @@ def partition_pool(
 
 def images_to_tensor(
     images: np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """Convert uint8 images to normalised float32 tensors ``(N, C, H, W)``.
 
     Pixels are scaled to ``[0, 1]``, then ``(x - mean) / std`` per channel.
@@ -393,6 +395,8 @@ def images_to_tensor(
             f"images of dtype {images.dtype} and shape {images.shape}; allowed: "
             "uint8 of shape (N, H, W) or (N, H, W, C)"
         )
+    import torch
+
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     tensor = tensor.unsqueeze(1) if images.ndim == 3 else tensor.permute(0, 3, 1, 2)
     channels = tensor.shape[1]
@@ -406,7 +410,7 @@ def images_to_tensor(
     return ((tensor.to(torch.float32) / 255.0 - shift) / scale).contiguous()
 
 
-def to_tensor_dataset(ds: "datasets.Dataset", spec: DatasetSpec) -> TensorDataset:
+def to_tensor_dataset(ds: "datasets.Dataset", spec: DatasetSpec) -> "TensorDataset":
     """Convert a Hugging Face data set of ``spec`` to ``TensorDataset(x, y)``.
 
     The whole data set is decoded in one numpy-formatted read, then normalised
@@ -435,6 +439,9 @@ def to_tensor_dataset(ds: "datasets.Dataset", spec: DatasetSpec) -> TensorDatase
             "allowed: 0..255"
         )
     label_histogram(labels, spec.num_classes)  # validates the label range
+    import torch
+    from torch.utils.data import TensorDataset
+
     return TensorDataset(
         images_to_tensor(images.astype(np.uint8), spec.mean, spec.std),
         torch.from_numpy(labels),
@@ -466,7 +473,7 @@ def load_partition(
     seed: int,
     *,
     num_test: int = DEFAULT_NUM_TEST,
-) -> TensorDataset:
+) -> "TensorDataset":
     """Return partition ``partition_id`` of the training pool as tensors.
 
     The pool is loaded and partitioned once per process (cached) and reused.
@@ -508,7 +515,7 @@ def load_partition(
 
 def load_central_testset(
     dataset: str, data_dir: str, num_test: int = DEFAULT_NUM_TEST
-) -> TensorDataset:
+) -> "TensorDataset":
     """Return the central test set as tensors (cached pool, see module docstring).
 
     Online this is the Hugging Face ``test`` split; offline the last ``num_test``

@@ -7,6 +7,12 @@ numpy and this module): it hands the received arrays and the task's config to
 one process per (run, node) that keeps torch, the partition and its warm
 kernels between tasks, and returns what that process trained.
 
+The worker also answers the node's profile query (``query.profile``, the first
+message a node gets under the virtual clock), then warms up
+(:func:`afl_flwr.client_task.warm_up`: the partition read and a throwaway
+two-batch training pass) while the SuperNode sleeps before its next pull, so a
+node's first train task is as warm as its later ones.
+
 The worker is started by the first task of a run on a node, listens on a Unix
 socket in a per-user folder (mode 0700, an authentication key beside it) and
 exits when
@@ -28,13 +34,16 @@ with the worker's traceback; a worker that dies during a task fails that task
 only. Training is :func:`afl_flwr.client_task.fit_model`, the same function a
 task runs in its own process, so the reply is the same bit for bit.
 
-Run as ``python -m afl_flwr.node_worker --address A --watch-pid P``.
+Run as ``python -m afl_flwr.node_worker --address A --watch-pid P`` (plus
+``--lock-fd`` and ``--warm-up`` when a task starts it).
 """
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -44,7 +53,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
@@ -52,6 +61,9 @@ from typing import Any
 
 import psutil
 
+# What a request asks (its "op"; a request without one trains).
+TRAIN = "train"
+PROFILE = "profile"
 # A worker exits after this long without a task.
 IDLE_TIMEOUT_S = 300.0
 # How long a task waits for a new worker to listen (it imports torch first).
@@ -111,8 +123,11 @@ def call_worker(
     address : Path
         The worker's socket (:func:`worker_address`).
     request : Mapping[str, Any]
-        ``run_config``, ``node_config``, ``config`` (the task's config record)
-        and ``arrays`` (the received model, name -> ``np.ndarray``).
+        ``run_config`` and ``node_config``; to train (``op`` absent or
+        :data:`TRAIN`), also ``config`` (the task's config record) and
+        ``arrays`` (the received model, name -> ``np.ndarray``); ``op`` =
+        :data:`PROFILE` asks for the node's profile instead (the worker then
+        warms up, :func:`~afl_flwr.client_task.warm_up`, after answering).
     watch_pid : int
         The process a new worker lives as long as (the SuperExec).
     idle_timeout_s : float (default: IDLE_TIMEOUT_S)
@@ -122,7 +137,8 @@ def call_worker(
     -------
     dict[str, Any]
         ``arrays`` (the trained model), ``metrics``, ``timing`` (data, model,
-        train seconds and the worker's pid).
+        train seconds and the worker's pid); for :data:`PROFILE`, ``profile``
+        (the :class:`~afl_flwr.clock.NodeProfile`'s fields) and ``timing``.
 
     Raises
     ------
@@ -143,7 +159,8 @@ def call_worker(
                 f"its log: {_log_path(address)}"
             ) from error
     if "error" in answer:
-        raise RuntimeError(f"training failed in the node worker:\n{answer['error']}")
+        what = "the profile query" if request.get("op") == PROFILE else "training"
+        raise RuntimeError(f"{what} failed in the node worker:\n{answer['error']}")
     return answer
 
 
@@ -168,36 +185,11 @@ def _connect(address: Path) -> Connection | None:
 
 def _start(address: Path, watch_pid: int, idle_timeout_s: float) -> Connection:
     """Start the node's worker (one task at a time does) and connect to it."""
-    with open(address.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _start_lock(address) as lock:
         connection = _connect(address)  # another task may have started it
         if connection is not None:
             return connection
-        address.unlink(missing_ok=True)
-        key = _key_path(address)
-        key.unlink(missing_ok=True)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32))
-        with open(_log_path(address), "ab") as log_file:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "afl_flwr.node_worker",
-                    "--address",
-                    str(address),
-                    "--watch-pid",
-                    str(watch_pid),
-                    "--idle-timeout",
-                    str(idle_timeout_s),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                env=worker_env(),
-            )
+        process = _spawn(address, watch_pid, idle_timeout_s, lock, warm_up=None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -214,6 +206,102 @@ def _start(address: Path, watch_pid: int, idle_timeout_s: float) -> Connection:
         raise RuntimeError(
             f"the node worker did not listen within {START_TIMEOUT_S:.0f} s; its "
             f"log: {_log_path(address)}"
+        )
+
+
+def prestart(
+    address: Path,
+    warm_up: Mapping[str, Any],
+    *,
+    watch_pid: int,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+) -> bool:
+    """Start the node's worker without waiting for it; whether one was started.
+
+    The new worker imports torch and warms up on ``warm_up`` (``run_config``
+    and ``node_config``; :func:`~afl_flwr.client_task.warm_up`) before it
+    listens, holding the start lock until then: a task that comes meanwhile
+    waits for it (:func:`call_worker`) instead of starting a second one.
+    Nothing is started when a worker already answers.
+    """
+    with _start_lock(address) as lock:
+        connection = _connect(address)
+        if connection is not None:
+            connection.close()
+            return False
+        _spawn(address, watch_pid, idle_timeout_s, lock, warm_up=warm_up)
+        return True
+
+
+@contextlib.contextmanager
+def _start_lock(address: Path) -> Iterator[int]:
+    """Hold the node's start lock (bounded wait); yields its file descriptor.
+
+    A worker being started holds the lock too (it inherits the descriptor) and
+    lets go once it listens, or when it dies.
+    """
+    fd = os.open(address.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the node worker at {address} did not start within "
+                        f"{START_TIMEOUT_S:.0f} s; its log: {_log_path(address)}"
+                    ) from None
+                time.sleep(0.05)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _spawn(
+    address: Path,
+    watch_pid: int,
+    idle_timeout_s: float,
+    lock_fd: int,
+    *,
+    warm_up: Mapping[str, Any] | None,
+) -> subprocess.Popen[bytes]:
+    """Write a fresh key and start ``python -m afl_flwr.node_worker`` (not waited)."""
+    address.unlink(missing_ok=True)
+    key = _key_path(address)
+    key.unlink(missing_ok=True)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    command = [
+        sys.executable,
+        "-m",
+        "afl_flwr.node_worker",
+        "--address",
+        str(address),
+        "--watch-pid",
+        str(watch_pid),
+        "--idle-timeout",
+        str(idle_timeout_s),
+        "--lock-fd",
+        str(lock_fd),
+    ]
+    if warm_up is not None:
+        spec = address.with_suffix(".warm-up.json")
+        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({k: dict(warm_up[k]) for k in ("run_config", "node_config")}, out)
+        command += ["--warm-up", str(spec)]
+    with open(_log_path(address), "ab") as log_file:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            pass_fds=(lock_fd,),
+            env=worker_env(),
         )
 
 
@@ -243,18 +331,34 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def serve(address: Path, watch_pid: int, idle_timeout_s: float) -> None:
-    """Answer train tasks on ``address`` until ``watch_pid`` exits or it idles."""
-    from afl_flwr.client_task import fit_model  # torch: here, not in the task
+def serve(
+    address: Path,
+    watch_pid: int,
+    idle_timeout_s: float,
+    *,
+    lock_fd: int | None = None,
+    warm_up_spec: Path | None = None,
+) -> None:
+    """Answer tasks on ``address`` until ``watch_pid`` exits or it idles.
+
+    ``lock_fd`` is the start lock inherited from the starting task, released
+    once listening; ``warm_up_spec`` a JSON file (``run_config``,
+    ``node_config``) to warm up on before that.
+    """
+    from afl_flwr.client_task import (  # torch: here, not in the task
+        fit_model,
+        node_partition,
+        node_profile,
+        warm_up,
+    )
     from afl_flwr.config import AppConfig
 
-    key = _key_path(address).read_bytes()
-    listener = Listener(str(address), family="AF_UNIX", authkey=key)
-    state = {"last": time.monotonic(), "busy": False}
+    state = {"last": time.monotonic(), "busy": True}
 
     def stop(*_: Any) -> None:
         lock = address.with_suffix(".lock")
-        for path in (address, _key_path(address), _log_path(address), lock):
+        spec = address.with_suffix(".warm-up.json")
+        for path in (address, _key_path(address), _log_path(address), lock, spec):
             with contextlib.suppress(OSError):
                 path.unlink()
         os._exit(0)
@@ -272,6 +376,20 @@ def serve(address: Path, watch_pid: int, idle_timeout_s: float) -> None:
                 stop()
 
     threading.Thread(target=watch, name="afl-flwr-watch", daemon=True).start()
+    if warm_up_spec is not None:
+        try:
+            spec = json.loads(warm_up_spec.read_text())
+            warm_up_spec.unlink()
+            cfg = AppConfig.from_run_config(spec["run_config"])
+            seconds = warm_up(cfg, spec["node_config"])
+            print(f"warmed up in {seconds:.3f} s", flush=True)
+        except Exception:  # a failed warm-up costs only its time
+            print(f"warm-up failed:\n{traceback.format_exc()}", flush=True)
+    key = _key_path(address).read_bytes()
+    listener = Listener(str(address), family="AF_UNIX", authkey=key)
+    if lock_fd is not None:
+        os.close(lock_fd)  # tasks waiting to start a worker now find this one
+    state.update(busy=False, last=time.monotonic())
     print(f"node worker {os.getpid()} listening on {address}", flush=True)
     while True:
         try:
@@ -281,26 +399,43 @@ def serve(address: Path, watch_pid: int, idle_timeout_s: float) -> None:
             continue
         with connection:
             state["busy"] = True
+            request: dict[str, Any] = {}
             try:
                 request = connection.recv()
                 cfg = AppConfig.from_run_config(request["run_config"])
-                fit = fit_model(
-                    request["arrays"], request["config"], cfg, request["node_config"]
-                )
-                answer: dict[str, Any] = {
-                    "arrays": {
-                        k: v.detach().cpu().numpy()
-                        for k, v in fit.model.state_dict().items()
-                    },
-                    "metrics": dict(fit.metrics),
-                    "timing": {**fit.timing, "worker": float(os.getpid())},
-                }
+                node_config = request["node_config"]
+                if request.get("op", TRAIN) == PROFILE:
+                    profile = node_profile(
+                        node_config, cfg, node_partition(node_config, cfg)
+                    )
+                    answer: dict[str, Any] = {
+                        "profile": dataclasses.asdict(profile),
+                        "timing": {"worker": float(os.getpid())},
+                    }
+                else:
+                    fit = fit_model(
+                        request["arrays"], request["config"], cfg, node_config
+                    )
+                    answer = {
+                        "arrays": {
+                            k: v.detach().cpu().numpy()
+                            for k, v in fit.model.state_dict().items()
+                        },
+                        "metrics": dict(fit.metrics),
+                        "timing": {**fit.timing, "worker": float(os.getpid())},
+                    }
             except Exception:
                 answer = {"error": traceback.format_exc()}
             try:
                 connection.send(answer)
             except OSError as error:
                 print(f"could not answer a task: {error!r}", flush=True)
+            try:
+                if request.get("op") == PROFILE and "error" not in answer:
+                    # While the SuperNode sleeps before its next pull
+                    print(f"warmed up in {warm_up(cfg, node_config):.3f} s", flush=True)
+            except Exception:  # a failed warm-up costs only its time
+                print(f"warm-up failed:\n{traceback.format_exc()}", flush=True)
             finally:
                 state["busy"] = False
                 state["last"] = time.monotonic()
@@ -312,8 +447,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", type=Path, required=True)
     parser.add_argument("--watch-pid", type=int, required=True)
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S)
+    parser.add_argument("--lock-fd", type=int, default=None)
+    parser.add_argument("--warm-up", type=Path, default=None)
     args = parser.parse_args(argv)
-    serve(args.address, args.watch_pid, args.idle_timeout)
+    serve(
+        args.address,
+        args.watch_pid,
+        args.idle_timeout,
+        lock_fd=args.lock_fd,
+        warm_up_spec=args.warm_up,
+    )
 
 
 if __name__ == "__main__":

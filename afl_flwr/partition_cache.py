@@ -31,11 +31,13 @@ import zipfile
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.common.logger import log
-from torch.utils.data import TensorDataset
+
+if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
 
 from afl_flwr.data import (
     DEFAULT_NUM_TEST,
@@ -92,7 +94,7 @@ class PartitionRequest:
     seed: int
     num_test: int = DEFAULT_NUM_TEST
 
-    def load(self) -> TensorDataset:
+    def load(self) -> "TensorDataset":
         """The partition, computed from the source files (no disk cache)."""
         return load_partition(
             self.dataset,
@@ -150,7 +152,7 @@ def cache_path(directory: Path, key: str) -> Path:
 
 def load_partition_cached(
     request: PartitionRequest, *, directory: Path | None = None
-) -> TensorDataset:
+) -> "TensorDataset":
     """``request.load()``, read from the on-disk cache when a valid file exists.
 
     ``directory`` is the cache directory (default: :func:`cache_dir`). With the
@@ -191,7 +193,40 @@ def load_partition_cached(
     return partition
 
 
-def _read(path: Path, key: str, dataset: str) -> TensorDataset:
+def cached_num_examples(
+    request: PartitionRequest, *, directory: Path | None = None
+) -> int | None:
+    """Examples in ``request``'s partition if a cache file for it exists, else None.
+
+    Reads the file's stored key and labels only (numpy; no torch, no images), so
+    a process can size a partition without loading it. ``None`` whenever
+    :func:`load_partition_cached` would not read this file (cache off, online
+    data, a missing source, no file, a file for other inputs or unreadable).
+    """
+    directory = directory or cache_dir()
+    if (
+        directory is None
+        or not request.data_dir
+        or not 0 <= request.partition_id < request.num_partitions
+    ):
+        return None
+    try:
+        key = request.key()
+        path = cache_path(directory, key)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            labels = stored["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if labels.dtype != np.int64 or labels.ndim != 1 or len(labels) == 0:
+        return None
+    return len(labels)
+
+
+def _read(path: Path, key: str, dataset: str) -> "TensorDataset":
     """Read and check one cache file; ``ValueError`` if it is not the expected one."""
     spec = get_dataset_spec(dataset)
     with np.load(path, allow_pickle=False) as stored:
@@ -210,10 +245,13 @@ def _read(path: Path, key: str, dataset: str) -> TensorDataset:
             f"arrays {images.dtype}{images.shape} and {labels.dtype}{labels.shape}; "
             f"expected float32 (N, {', '.join(map(str, image_shape))}) and int64 (N,)"
         )
+    import torch
+    from torch.utils.data import TensorDataset
+
     return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
 
 
-def _write(path: Path, key: str, partition: TensorDataset) -> None:
+def _write(path: Path, key: str, partition: "TensorDataset") -> None:
     """Write ``partition`` to ``path`` atomically (temporary file, then rename)."""
     images, labels = partition.tensors
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ except ImportError as err:  # pragma: no cover - Flower 1.40/1.41
         'with its dp extra: pip install "flwr[dp]>=1.42")'
     ) from err
 
-from afl_flwr.aggregation import Params, momentum_step
+from afl_flwr.aggregation import Params, momentum_step, warmup_lr
 from afl_flwr.aggregators.base import (
     BufferedAggregator,
     MergeRefused,
@@ -218,6 +218,9 @@ class DPFedBuff(BufferedAggregator):
             factor = self.staleness_fn(update.staleness) / self.buffer_size
             for n in floats:
                 release[n] += release[n].dtype.type(factor) * clipped[n]
+        lr = warmup_lr(
+            self.settings.server_lr, self.releases + 1, self.settings.server_lr_warmup
+        )
         new: Params = {}
         for n in floats:
             step = release[n]
@@ -230,11 +233,11 @@ class DPFedBuff(BufferedAggregator):
                 release,
                 self._velocity,
                 self.settings.server_momentum,
-                self.settings.server_lr,
+                lr,
             )
         for n in [] if self.settings.server_momentum else floats:
             step = release[n]
-            step *= step.dtype.type(self.settings.server_lr)
+            step *= step.dtype.type(lr)
             step += current[n]
             new[n] = step.astype(current[n].dtype, copy=False)
         for n in names:
@@ -284,7 +287,8 @@ class DPFedBuff(BufferedAggregator):
         return (
             f"fedbuff with user-level DP (K={self.buffer_size}, server_lr="
             f"{self.settings.server_lr}, server_momentum="
-            f"{self.settings.server_momentum}, z={self.noise_multiplier}, "
+            f"{self.settings.server_momentum}, server_lr_warmup="
+            f"{self.settings.server_lr_warmup}, z={self.noise_multiplier}, "
             f"C={self.clipping_norm}, s(tau)={self.settings.describe_staleness()})"
         )
 

@@ -119,9 +119,34 @@ DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
             (0.3, 0.7),
         )
     },
+    # Third round: a larger plain server step (more progress per update where
+    # the equal-work budget ends before the target).
+    **{
+        f"fedbuff K=C/2 a=1 lr={lr}": {
+            "aggregation": "fedbuff",
+            "buffer-size": 5,
+            "staleness-a": 1.0,
+            "server-lr": lr,
+        }
+        for lr in (1.5, 2.0)
+    },
+    # ... and with a linear server-lr warm-up over the first W merges
+    # (fedbuff-server-lr-warmup; Goyal et al.'s gradual warm-up).
+    **{
+        f"fedbuff K=C/2 a=1{f' m={beta}' if beta else ''} lr={lr} wu={w}": {
+            "aggregation": "fedbuff",
+            "buffer-size": 5,
+            "staleness-a": 1.0,
+            "server-lr": lr,
+            "fedbuff-server-lr-warmup": w,
+            **({"fedbuff-server-momentum": beta} if beta else {}),
+        }
+        for beta, lr, w in ((0, 1.0, 10), (0, 1.5, 10), (0, 2.0, 20), (0.3, 0.7, 10))
+    },
     "ca2fl K=C eta=0.3": {"aggregation": "ca2fl", "buffer-size": 10, "server-lr": 0.3},
     "ca2fl K=C/2 eta=0.3": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.3},
     "ca2fl K=C/2 eta=0.5": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.5},
+    "ca2fl K=C/2 eta=0.4": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.4},
 }
 TUNE_SEEDS = (100, 101, 102)
 

@@ -344,6 +344,7 @@ def deploy(
         "summary": json.loads((folder / "summary.json").read_text()),
         "tasks": tasks,
         "cycles": node_cycles(events),
+        "merge_walls": merge_walls(events),
         "mean_staleness": mean_staleness(events),
     }
 
@@ -352,6 +353,34 @@ def mean_staleness(events: list[dict[str, str]]) -> float:
     """Mean staleness of the merged updates."""
     values = [float(e["staleness"]) for e in events if e["status"] == "merged"]
     return statistics.fmean(values) if values else float("nan")
+
+
+def merge_walls(events: list[dict[str, str]]) -> list[float]:
+    """Loop wall seconds at which each merged update was merged, in order."""
+    return sorted(float(e["wall_time"]) for e in events if e["status"] == "merged")
+
+
+def run_phases(run: dict[str, Any]) -> dict[str, float]:
+    """Start-up against steady state: where a run's loop time goes.
+
+    ``first merge s``: loop seconds to the first merged update (profiles, the
+    first tasks, cold processes); ``after it, s per update``: the rest of the
+    loop per further merged update; ``cores busy``: CPU seconds of every process
+    over the end-to-end wall time.
+    """
+    walls = run.get("merge_walls") or []
+    first = walls[0] if walls else float("nan")
+    rest = (
+        (run["summary"]["wall_time"] - first) / (len(walls) - 1)
+        if len(walls) > 1
+        else float("nan")
+    )
+    return {
+        "first dispatch s": run["summary"].get("first_dispatch_wall", float("nan")),
+        "first merge s": first,
+        "after it, s per update": rest,
+        "cores busy": sum(run["cpu_s"].values()) / run["wall_s"],
+    }
 
 
 def node_cycles(events: list[dict[str, str]]) -> list[float]:
@@ -382,6 +411,7 @@ def simulate(config: dict[str, Any], out: Path, **extra: Any) -> dict[str, Any]:
         "wall_s": wall,
         "cpu_s": {"in-process engine": cpu},
         "summary": summary,
+        "merge_walls": merge_walls(events),
         "mean_staleness": mean_staleness(events),
     }
 
@@ -520,6 +550,19 @@ def tables(result: dict[str, Any]) -> str:
             for kind in kinds
         ],
     )
+    steady = statistics.mean(run_phases(run)["after it, s per update"] for run in sims)
+    phase_keys = list(run_phases(sims[0]))
+    phase_table = markdown_table(
+        ["run", *phase_keys, "after it, x in-process"],
+        [
+            [
+                label,
+                *(run_phases(run)[k] for k in phase_keys),
+                run_phases(run)["after it, s per update"] / steady,
+            ]
+            for label, run in runs
+        ],
+    )
     report = (
         f"Printed command: `docker/run-local-deployment.sh "
         f"{shlex.join(result['printed_command'])}`\n\n"
@@ -528,7 +571,9 @@ def tables(result: dict[str, Any]) -> str:
         f"Deployment node cycle, per task (medians):\n\n{split}\n"
         "Throughput, same run config (x in-process: against the mean of the two "
         f"in-process runs, before and after the deployments):\n\n{throughput}\n"
-        f"Deployment CPU by process (sampled every 0.2 s):\n\n{cpu_table}"
+        f"Deployment CPU by process (sampled every 0.2 s):\n\n{cpu_table}\n"
+        "Start-up against steady state (loop seconds; cores busy: CPU seconds of "
+        f"every process over the end-to-end time):\n\n{phase_table}"
     )
     cost = result.get("staleness_cost")
     if cost:

@@ -143,14 +143,19 @@ cleanup() {
     done
     kill -KILL "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
-    # Each node's warm trainer (python -m afl_flwr.node_worker, run config
-    # node-worker) exits within a second of its SuperNode: wait for it.
     if command -v pgrep >/dev/null; then
       pgid=$(ps -o pgid= $$ | tr -d ' ')
+      # A task process (flwr-clientapp) still running for a stopped SuperNode
+      # has nobody to reply to (left alone, it retries for some 15 s): stop it.
+      pkill -TERM -g "$pgid" -f flwr-clientapp 2>/dev/null || true
+      # Each node's warm trainer (python -m afl_flwr.node_worker, run config
+      # node-worker) exits within a second of its SuperNode: wait for it, then
+      # stop what is left.
       for _ in $(seq 50); do
-        pgrep -g "$pgid" -f afl_flwr.node_worker >/dev/null || break
+        pgrep -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp' >/dev/null || break
         sleep 0.2
       done
+      pkill -TERM -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp' 2>/dev/null || true
     fi
   fi
   echo "Logs: $work_dir/logs"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from afl_flwr.constants import MODEL_NAMES
 from afl_flwr.models import MODELS, get_model
 
 NUM_CLASSES = 10
@@ -69,6 +70,10 @@ EXPECTED_SIZE = {
 
 def _num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def test_the_config_knows_every_registered_model_without_importing_torch() -> None:
+    assert tuple(sorted(MODELS)) == MODEL_NAMES
 
 
 def test_expected_sizes_cover_the_registry() -> None:

@@ -5,6 +5,7 @@ stopped by pid at the end, also on failure.
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,8 +21,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from afl_flwr import node_worker
-from afl_flwr.client_app import train, train_on_worker, uses_node_worker
-from afl_flwr.client_task import build_model
+from afl_flwr.client_app import (
+    profile_on_worker,
+    train,
+    train_on_worker,
+    uses_node_worker,
+)
+from afl_flwr.client_task import build_model, query_profile
 from afl_flwr.config import AppConfig, ConfigError
 
 RUN_CONFIG = {
@@ -51,6 +57,20 @@ def workers(monkeypatch, mnist_dir, short_dir):
                 os.kill(pid, signal.SIGKILL)
         watched.kill()
         watched.wait()
+
+
+@pytest.fixture
+def task_process(workers, monkeypatch, request):
+    """This process as a task process: its parent is the process workers watch.
+
+    One intra-op thread here and in the workers (a float sum's order depends
+    on the thread count).
+    """
+    monkeypatch.setattr(os, "getppid", lambda: workers["watched"].pid)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
 
 
 def _logged_pids(folder: Path) -> list[int]:
@@ -107,15 +127,10 @@ def _call(address, workers, request, **kwargs):
 
 @pytest.mark.timeout(300)
 def test_worker_replies_bit_identically_and_stays_warm_until_its_node_goes(
-    workers, monkeypatch, request
+    workers, task_process
 ):
-    # Prepare: the task process's parent is the process the worker watches;
-    # one intra-op thread on both sides (a float sum's order depends on it)
-    monkeypatch.setattr(os, "getppid", lambda: workers["watched"].pid)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    # Prepare (task_process: the worker watches this process's parent; one
+    # intra-op thread on both sides)
     cfg = AppConfig.from_run_config(workers["run_config"])
     context = _context()
 
@@ -145,6 +160,76 @@ def test_worker_replies_bit_identically_and_stays_warm_until_its_node_goes(
     workers["watched"].wait()
     assert _wait_gone(pids[0])
     assert not address.exists() and not address.with_suffix(".key").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_the_profile_query_starts_a_worker_that_warms_up_and_trains_identically(
+    workers, task_process, monkeypatch, cache
+):
+    # Prepare: as above; with the cache on the partition's file exists (the
+    # task process answers from it and starts the worker without waiting), off
+    # the worker answers
+    cfg = AppConfig.from_run_config(workers["run_config"])
+    context = _context(node=3)
+    query = Message(content=RecordDict(), dst_node_id=3, message_type="query.profile")
+    here = query_profile(query, context, cfg)  # loads (and caches) the partition
+    if cache == "off":
+        monkeypatch.setenv("AFL_FLWR_CACHE_DIR", "off")
+
+    # Execute: the profile, then at once a train task (the worker may still be
+    # warming up), here and on the worker
+    there = profile_on_worker(query, context, workers["run_config"])
+    remote = train_on_worker(_message(5), context, workers["run_config"])
+    local = train(_message(5), context, cfg)
+
+    # Assert: the same profile record; one worker, which warmed up before the
+    # train task; the same trained weights bit for bit
+    assert dict(there.content["profile"]) == dict(here.content["profile"])
+    assert there.content["profile"]["partition-id"] == 2
+    pids = _logged_pids(workers["dir"])
+    workers["started"].extend(pids)
+    assert len(pids) == 1
+    [log] = workers["dir"].glob("*.log")
+    assert re.search(r"warmed up in [\d.]+ s", log.read_text())
+    assert not list(workers["dir"].glob("*.warm-up.json"))
+    a, b = _arrays(local), _arrays(remote)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert dict(local.content["metrics"]) == dict(remote.content["metrics"])
+
+
+def test_a_cached_partition_is_sized_without_torch(mnist_dir):
+    # Prepare: the partition's cache file (the fixture's cache folder)
+    cfg = AppConfig.from_run_config({**RUN_CONFIG, "data-dir": str(mnist_dir)})
+    context = _context(node=2)
+    query = Message(content=RecordDict(), dst_node_id=2, message_type="query.profile")
+    expected = dict(query_profile(query, context, cfg).content["profile"])
+    code = (
+        "import sys, json\n"
+        "from afl_flwr.config import AppConfig\n"
+        "from afl_flwr.profiles import cached_profile\n"
+        f"cfg = AppConfig.from_run_config({cfg_literal(mnist_dir)})\n"
+        "p = cached_profile({'partition-id': 1, 'num-partitions': 10}, cfg)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print(json.dumps(dict(p.to_record())))\n"
+    )
+
+    # Execute
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+
+    # Assert
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def cfg_literal(mnist_dir) -> str:
+    return repr({**RUN_CONFIG, "data-dir": str(mnist_dir)})
 
 
 @pytest.mark.timeout(300)
@@ -193,6 +278,8 @@ def test_a_training_error_comes_back_with_the_workers_traceback(workers):
 def test_a_task_process_imports_no_torch():
     code = (
         "import sys, afl_flwr.client_app\n"
+        "from afl_flwr.client_app import profile_on_worker, train_on_worker\n"
+        "import afl_flwr.clock, afl_flwr.node_worker  # what those two import\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

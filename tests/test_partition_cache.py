@@ -19,6 +19,7 @@ from afl_flwr.partition_cache import (
     CACHE_DIR_ENV,
     PartitionRequest,
     cache_path,
+    cached_num_examples,
     load_partition_cached,
 )
 
@@ -160,6 +161,46 @@ def test_damaged_cache_file_is_rebuilt(
     with np.load(path) as stored:
         assert np.array_equal(stored["images"], expected.tensors[0].numpy())
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary left
+
+
+def test_a_cached_partition_is_sized_from_its_file_alone(
+    idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: no file yet, then the file a load writes
+    cache = tmp_path / "cache"
+    before = cached_num_examples(request(idx_dir), directory=cache)
+    expected = len(fresh_load(idx_dir))
+    cached(idx_dir, cache)
+    forbid_rebuild(monkeypatch)
+
+    # Execute
+    size = cached_num_examples(request(idx_dir), directory=cache)
+
+    # Assert
+    assert before is None
+    assert size == expected
+    other = cached_num_examples(request(idx_dir, partition_id=2), directory=cache)
+    assert other is None  # another partition has no file
+
+
+@pytest.mark.parametrize("damage", [garbage, truncated, stale_key])
+def test_a_damaged_or_foreign_file_gives_no_size(
+    idx_dir: Path, tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    cache = tmp_path / "cache"
+    cached(idx_dir, cache)
+    damage(expected_file(idx_dir, cache))
+
+    assert cached_num_examples(request(idx_dir), directory=cache) is None
+
+
+def test_no_size_with_the_cache_off_or_online_data(
+    idx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, "off")
+    assert cached_num_examples(request(idx_dir)) is None
+    monkeypatch.delenv(CACHE_DIR_ENV)
+    assert cached_num_examples(PartitionRequest(data_dir="", **BASE)) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

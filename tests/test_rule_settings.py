@@ -26,6 +26,7 @@ OTHER_VALUES = {
     ("fedbuff", "buffer_size"): 3,
     ("fedbuff", "server_lr"): 0.5,
     ("fedbuff", "server_momentum"): 0.5,
+    ("fedbuff", "server_lr_warmup"): 4,
     ("fedbuff", "staleness_fn"): "hinge",
     ("fedbuff", "staleness_a"): 2.0,
     ("fedbuff", "staleness_b"): 3.0,

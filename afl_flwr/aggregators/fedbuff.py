@@ -14,6 +14,11 @@ open (FedBuff is "agnostic to the choice of optimizer"); this one is FLSim's
 asynchronous ``FedAvgWithLR`` aggregator with momentum, in PyTorch's
 convention, as Flower's ``FedAvgM``: ``v <- beta v + d``, ``x <- x + eta_g v``.
 The velocity ``v`` is checkpointed with the run.
+
+``server_lr_warmup`` (``W`` merges, default 0: off) scales ``eta_g`` by
+``min(1, t / W)`` at merge ``t`` (:func:`~afl_flwr.aggregation.warmup_lr`,
+Goyal et al.'s gradual warm-up): the first buffers, filled with updates trained
+from the earliest versions, move the model less. The merge count is checkpointed.
 """
 
 from collections.abc import Mapping, Sequence
@@ -22,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from afl_flwr.aggregation import Params, fedbuff_update, momentum_step, weighted_delta
+from afl_flwr.aggregation import (
+    Params,
+    fedbuff_update,
+    momentum_step,
+    warmup_lr,
+    weighted_delta,
+)
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
     BufferedAggregator,
@@ -48,6 +59,11 @@ class FedBuffSettings(StalenessSettings, BufferSettings):
         "beta, server momentum: SGD with heavy-ball momentum on the merged delta "
         "(v = beta v + d, x = x + eta_g v); 0: plain FedBuff",
     )
+    server_lr_warmup: int = setting(
+        0,
+        "W, server learning-rate warm-up in merges: merge t uses "
+        "eta_g min(1, t / W); 0: none",
+    )
 
     def validate(self) -> None:
         """``eta_g > 0``, ``0 <= beta < 1``, plus the buffer and staleness checks."""
@@ -56,6 +72,9 @@ class FedBuffSettings(StalenessSettings, BufferSettings):
         beta = self.server_momentum
         if isinstance(beta, bool) or not 0.0 <= beta < 1.0:
             raise SettingError("server_momentum", beta, "must be in [0, 1)")
+        warmup = self.server_lr_warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise SettingError("server_lr_warmup", warmup, "must be an integer >= 0")
 
 
 @AGGREGATORS.register("fedbuff")
@@ -64,13 +83,15 @@ class FedBuff(BufferedAggregator):
 
     With ``server_momentum = beta > 0`` the merged delta ``d`` (the sum above
     without ``eta_g``) drives a heavy-ball step: ``v <- beta v + d``,
-    ``x <- x + eta_g v``.
+    ``x <- x + eta_g v``. With ``server_lr_warmup = W > 1`` merge ``t`` uses
+    ``eta_g min(1, t / W)`` instead of ``eta_g``.
 
     Parameters
     ----------
     settings : FedBuffSettings, optional (default: None)
         ``buffer_size`` (``K``, default 5), ``server_lr`` (``eta_g``, default
-        1.0), ``server_momentum`` (``beta``, default 0), ``staleness_fn`` /
+        1.0), ``server_momentum`` (``beta``, default 0), ``server_lr_warmup``
+        (``W``, default 0), ``staleness_fn`` /
         ``staleness_a`` / ``staleness_b`` (default ``polynomial`` with
         ``a = 1``); also accepted as keywords.
     """
@@ -85,10 +106,11 @@ class FedBuff(BufferedAggregator):
         super().__init__(settings, **overrides)
         self.staleness_fn = self.settings.make_staleness_fn()
         self._velocity: Params = {}
+        self.merges = 0
 
     @property
     def server_lr(self) -> float:
-        """``eta_g``."""
+        """``eta_g`` (before any warm-up)."""
         return self.settings.server_lr
 
     def weight(self, update: Update) -> float:
@@ -106,26 +128,26 @@ class FedBuff(BufferedAggregator):
         counts = [u.num_examples for u in buffer]
         scales = [self.staleness_fn(u.staleness) for u in buffer]
         beta = self.settings.server_momentum
+        self.merges += 1
+        lr = warmup_lr(self.server_lr, self.merges, self.settings.server_lr_warmup)
         if not beta:
-            return fedbuff_update(
-                weights, params, bases_of(buffer), counts, scales, self.server_lr
-            )
+            return fedbuff_update(weights, params, bases_of(buffer), counts, scales, lr)
         total = float(sum(counts))
         factors = [n / total * s for n, s in zip(counts, scales, strict=True)]
         delta = weighted_delta(params, bases_of(buffer), factors, list(weights))
-        new, self._velocity = momentum_step(
-            weights, delta, self._velocity, beta, self.server_lr
-        )
+        new, self._velocity = momentum_step(weights, delta, self._velocity, beta, lr)
         return new
 
     def state(self) -> tuple[dict[str, Params], dict[str, Any]]:
-        """The server momentum ``v`` (one group; none at beta = 0)."""
+        """The server momentum ``v`` (one group; none at beta = 0), the merge count."""
+        meta: dict[str, Any] = {"merges": self.merges}
         if not self._velocity:
-            return {}, {}
-        return {VELOCITY_GROUP: dict(self._velocity)}, {"momentum": True}
+            return {}, meta
+        return {VELOCITY_GROUP: dict(self._velocity)}, {**meta, "momentum": True}
 
     def load_state(self, arrays: Mapping[str, Params], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`state`."""
         self._velocity = {
             k: np.array(a) for k, a in arrays.get(VELOCITY_GROUP, {}).items()
         }
+        self.merges = int(meta.get("merges", 0))
