@@ -211,10 +211,13 @@ def apply_deltas(
 def warmup_lr(server_lr: float, merge: int, warmup: int) -> float:
     """Server learning rate of the ``merge``-th merge under a linear warm-up.
 
-    ``eta_t = eta min(1, t / W)`` for merge ``t = 1, 2, ...``: the gradual warm-up
-    of Goyal et al. (2017, "Accurate, Large Minibatch SGD", Sec. 2.2), counted in
-    merges, so the first ``W - 1`` merges (whose buffers hold updates trained from
-    the earliest versions) move the model by a growing fraction of ``eta``.
+    ``eta_t = eta min(1, t / W)`` for merge ``t = 1, 2, ...``: a linear ramp by a
+    constant step per merge, as in the gradual warm-up of Goyal et al. (2017,
+    "Accurate, Large Minibatch SGD", Sec. 2.2), which ramps per iteration from
+    the small-batch rate to ``k`` times it; this one ramps from ``eta / W`` to
+    ``eta`` (FedBuff has no smaller reference rate). The first ``W - 1`` merges
+    (whose buffers hold updates trained from the earliest versions) move the
+    model by a growing fraction of ``eta``.
     ``W = 0`` (or 1) is no warm-up.
 
     Parameters

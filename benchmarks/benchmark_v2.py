@@ -131,7 +131,7 @@ DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
         for lr in (1.5, 2.0)
     },
     # ... and with a linear server-lr warm-up over the first W merges
-    # (fedbuff-server-lr-warmup; Goyal et al.'s gradual warm-up).
+    # (fedbuff-server-lr-warmup; a ramp like Goyal et al.'s gradual warm-up).
     **{
         f"fedbuff K=C/2 a=1{f' m={beta}' if beta else ''} lr={lr} wu={w}": {
             "aggregation": "fedbuff",

@@ -23,15 +23,19 @@ from afl_flwr.replies import arrayrecord_to_params
 from afl_flwr.strategy import StalenessAwareAsyncStrategy
 
 RULES = sorted(AGGREGATORS.names())
-# Every rule, plus FedBuff with server momentum (a second code path).
+# Every rule, plus FedBuff with server momentum (a second code path) and with
+# a server learning-rate warm-up (a scaled step).
 MOMENTUM = "fedbuff+momentum"
-VARIANTS = [*RULES, MOMENTUM]
+WARMUP = "fedbuff+warmup"
+VARIANTS = [*RULES, MOMENTUM, WARMUP]
 
 
 def _variant(variant: str) -> tuple[str, dict[str, float]]:
     """The rule's name and the settings that make the variant."""
     if variant == MOMENTUM:
         return "fedbuff", {"fedbuff_server_momentum": 0.9, "server_lr": 0.1}
+    if variant == WARMUP:
+        return "fedbuff", {"fedbuff_server_lr_warmup": 4, "server_lr": 1.5}
     return variant, {}
 
 

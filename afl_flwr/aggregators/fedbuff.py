@@ -17,7 +17,8 @@ The velocity ``v`` is checkpointed with the run.
 
 ``server_lr_warmup`` (``W`` merges, default 0: off) scales ``eta_g`` by
 ``min(1, t / W)`` at merge ``t`` (:func:`~afl_flwr.aggregation.warmup_lr`,
-Goyal et al.'s gradual warm-up): the first buffers, filled with updates trained
+a linear ramp from ``eta_g / W`` as in Goyal et al.'s gradual warm-up, which
+ramps from the small-batch rate): the first buffers, filled with updates trained
 from the earliest versions, move the model less. The merge count is checkpointed.
 """
 
