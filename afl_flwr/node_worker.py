@@ -18,7 +18,8 @@ socket in a per-user folder (mode 0700, an authentication key beside it) and
 exits when
 
 * the process that started that task's process exits (the SuperNode's
-  SuperExec, which exits with its SuperNode), or
+  SuperExec, or the template of :mod:`afl_flwr.warm_exec`; both exit with
+  their SuperNode), or
 * no task has come for ``idle_timeout_s`` seconds (default
   :data:`IDLE_TIMEOUT_S`), e.g. after its run ended, or
 * it gets SIGTERM, SIGINT or SIGHUP (a process group stopped as a whole).

@@ -137,23 +137,41 @@ class Variant:
     label: str
     run_config: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # runbook options
 
 
 def variants(depths: list[int]) -> list[Variant]:
-    """``before``, then one deployment per depth (the default: the printed command).
+    """``before``, Flower's launcher, then one deployment per depth.
 
-    ``before`` is the printed command as it was before the node worker: every
-    train task imports, loads and trains in its own process (``node-worker =
-    "off"``), at depth 1.
+    ``before`` is the printed command as it was before the node worker and the
+    warm launcher: every task process starts cold (``--task-launcher flower``)
+    and every train task imports, loads and trains in its own process
+    (``node-worker = "off"``), at depth 1. ``Flower's launcher`` is the printed
+    command as it was before the warm launcher (node worker on). Then the warm
+    launcher (the runbook's default) at each depth; at the default depth, the
+    printed command itself: the ``as printed`` row.
     """
     default = AppConfig().node_queue_depth
-    out = [Variant("before (node worker off, depth 1)", "node-worker='off'")]
+    flower = ["--task-launcher", "flower"]
+    out = [
+        Variant(
+            "before (Flower's launcher, node worker off, depth 1)",
+            "node-worker='off'",
+            args=flower,
+        ),
+        Variant(f"Flower's launcher (node worker, depth {default})", args=flower),
+    ]
     for depth in depths:
         if depth == default:
-            out.append(Variant(f"as printed (node worker, default depth {depth})"))
+            out.append(
+                Variant(f"as printed (warm launcher, node worker, depth {depth})")
+            )
         else:
             out.append(
-                Variant(f"node worker, depth {depth}", f"node-queue-depth={depth}")
+                Variant(
+                    f"warm launcher, node worker, depth {depth}",
+                    f"node-queue-depth={depth}",
+                )
             )
     return out
 
@@ -224,6 +242,20 @@ def flower_pids(work: Path) -> list[int]:
     return [p.pid for p in flower_processes(work)]
 
 
+# The warm launcher's module: its SuperExec, its template and the task processes
+# forked from that template all run under this command line.
+WARM_EXEC = "afl_flwr.warm_exec"
+WARM_ROLES = ("warm SuperExec", "warm template", "flwr-clientapp (forked)")
+
+
+def warm_exec_role(proc: psutil.Process) -> str:
+    """Which of the warm launcher's processes ``proc`` is, by its ancestors."""
+    above = sum(
+        1 for parent in proc.parents() if WARM_EXEC in " ".join(parent.cmdline())
+    )
+    return WARM_ROLES[min(above, len(WARM_ROLES) - 1)]
+
+
 class CpuSampler(threading.Thread):
     """CPU seconds of the processes under ``work``, by kind, sampled every 0.2 s.
 
@@ -261,6 +293,8 @@ class CpuSampler(threading.Thread):
         if not home or not (home == self.work or home.startswith(self.work + os.sep)):
             return None
         cmdline = " ".join(proc.cmdline())
+        if WARM_EXEC in cmdline:
+            return warm_exec_role(proc)
         return next((k for k in self.KINDS if k in cmdline), "other")
 
     def stop(self) -> dict[str, float]:
@@ -285,6 +319,7 @@ def deploy(
     command += ["--work-dir", str(work), "--results-dir", str(work / "results")]
     if variant.run_config:
         command += ["--run-config", variant.run_config]
+    command += variant.args
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -338,6 +373,7 @@ def deploy(
     return {
         "label": variant.label,
         "appended_run_config": variant.run_config,
+        "appended_args": variant.args,
         "env": variant.env,
         "wall_s": wall,
         "cpu_s": cpu,

@@ -25,6 +25,11 @@
 #   --results-dir DIR        run-config results-dir (default: ./results)
 #   --run-config "k=v ..."   further run-config overrides (repeatable, later wins);
 #                            num-clients and clients-per-round default to --nodes
+#   --task-launcher L        how each SuperNode starts its task processes: `warm`
+#                            (default: Flower's SuperExec, task processes forked
+#                            from a template that imported flwr-clientapp once,
+#                            python -m afl_flwr.warm_exec) or `flower` (Flower's
+#                            own: every task process starts cold)
 #   --keep-running           after the run, keep the SuperLink and SuperNodes up
 #                            (for another `flwr run`, e.g. a resume) until Ctrl-C
 #   --check-only             validate the run config, start nothing
@@ -53,6 +58,7 @@ results_dir="results"
 extra_config=()
 check_only=0
 keep_running=0
+task_launcher=warm
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
@@ -81,6 +87,7 @@ while (($#)); do
     --data-dir) data_dir="${2:?}"; shift ;;
     --results-dir) results_dir="${2:?}"; shift ;;
     --run-config) extra_config+=("${2:?}"); shift ;;
+    --task-launcher) task_launcher="${2:?}"; shift ;;
     --keep-running) keep_running=1 ;;
     --check-only) check_only=1 ;;
     -h | --help) usage; exit 0 ;;
@@ -89,6 +96,8 @@ while (($#)); do
   shift
 done
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
+[[ "$task_launcher" == warm || "$task_launcher" == flower ]] ||
+  die "--task-launcher must be 'warm' or 'flower', got '$task_launcher'"
 for cmd in flwr flower-superlink flower-supernode flower-superexec python; do
   command -v "$cmd" >/dev/null ||
     die "'$cmd' is not on PATH: activate the venv where afl-flwr is installed"
@@ -145,17 +154,18 @@ cleanup() {
     wait 2>/dev/null || true
     if command -v pgrep >/dev/null; then
       pgid=$(ps -o pgid= $$ | tr -d ' ')
-      # A task process (flwr-clientapp) still running for a stopped SuperNode
-      # has nobody to reply to (left alone, it retries for some 15 s): stop it.
-      pkill -TERM -g "$pgid" -f flwr-clientapp 2>/dev/null || true
+      # A task process (flwr-clientapp, or forked by afl_flwr.warm_exec) still
+      # running for a stopped SuperNode has nobody to reply to (left alone, it
+      # retries for some 15 s): stop it.
+      pkill -TERM -g "$pgid" -f 'flwr-clientapp|afl_flwr.warm_exec' 2>/dev/null || true
       # Each node's warm trainer (python -m afl_flwr.node_worker, run config
       # node-worker) exits within a second of its SuperNode: wait for it, then
       # stop what is left.
       for _ in $(seq 50); do
-        pgrep -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp' >/dev/null || break
+        pgrep -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp|afl_flwr.warm_exec' >/dev/null || break
         sleep 0.2
       done
-      pkill -TERM -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp' 2>/dev/null || true
+      pkill -TERM -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp|afl_flwr.warm_exec' 2>/dev/null || true
     fi
   fi
   echo "Logs: $work_dir/logs"
@@ -252,12 +262,20 @@ if ((!insecure)); then
   done
 fi
 
-# 5. SuperNodes, each with its own Runtime API port and data partition.
+# 5. SuperNodes, each with its own Runtime API port and data partition. With the
+# warm launcher each node is one command: Flower's SuperExec with warm task
+# processes (python -m afl_flwr.warm_exec), which starts the SuperNode after
+# `--` in `process` isolation, exits with it and stops it when stopped.
 for ((i = 0; i < nodes; i++)); do
-  node_auth=()
+  node_auth=() launcher=() isolation=()
   ((insecure)) || node_auth=(--auth-supernode-private-key "$certs_dir/supernode-$i")
-  start "supernode-$i" flower-supernode "${node_tls[@]}" "${node_auth[@]}" \
-    --superlink "127.0.0.1:$port" --port "$((node_base_port + i))" \
+  if [[ "$task_launcher" == warm ]]; then
+    launcher=(python -m afl_flwr.warm_exec --insecure
+      --runtime-api-address "127.0.0.1:$((node_base_port + i))" --)
+    isolation=(--isolation process)
+  fi
+  start "supernode-$i" "${launcher[@]}" flower-supernode "${node_tls[@]}" "${node_auth[@]}" \
+    --superlink "127.0.0.1:$port" --port "$((node_base_port + i))" "${isolation[@]}" \
     --node-config "partition-id=$i num-partitions=$nodes" \
     --max-retries 5 --max-wait-time 60
 done

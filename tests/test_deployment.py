@@ -59,10 +59,13 @@ def test_insecure_deployment_trains_three_partitions_asynchronously(
     # Assert
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "Run status: finished:completed" in proc.stdout
-    # Every train task ran on its node's worker (node-worker = auto), one
-    # worker per node for the whole run, and every worker went with its node
+    # Every task process was forked by the node's warm launcher (the runbook's
+    # default), every train task ran on its node's worker (node-worker = auto),
+    # one worker per node for the whole run, and every worker went with its node
     for i in range(3):
         log = (work / "logs" / f"supernode-{i}.log").read_text()
+        assert "Warm task launcher: ClientApp tasks fork from template" in log
+        assert "Start `flwr-clientapp` process" in log  # Flower's entry point ran
         timings = re.findall(r"Cold task timing: .*", log)
         pids = set(re.findall(r"on node worker (\d+)", log))
         assert len(timings) >= 2 and all("on node worker" in t for t in timings)
@@ -82,6 +85,7 @@ def test_insecure_deployment_trains_three_partitions_asynchronously(
 
 def test_tls_node_auth_admits_registered_and_refuses_unregistered_node(tmp_path):
     # Prepare: the runbook registers supernode-0; an extra key stays unregistered.
+    # Flower's own task launcher here (the other tests use the warm one).
     work = tmp_path / "deployment"
     port = free_port()
     rogue_key = tmp_path / "rogue" / "supernode-rogue"
@@ -93,14 +97,9 @@ def test_tls_node_auth_admits_registered_and_refuses_unregistered_node(tmp_path)
     ca = work / "certs" / "ca.crt"
     log = tmp_path / "runbook.log"
     rogue_log = tmp_path / "rogue.log"
-    command = runbook(
-        work,
-        port,
-        free_port_block(1),
-        1,
-        "num-server-rounds=1 clients-per-round=1",
-        tls=True,
-    )
+    config = "num-server-rounds=1 clients-per-round=1"
+    command = runbook(work, port, free_port_block(1), 1, config, tls=True)
+    command += ["--task-launcher", "flower"]
 
     # Execute
     try:
@@ -147,6 +146,7 @@ def test_tls_node_auth_admits_registered_and_refuses_unregistered_node(tmp_path)
     assert rogue.returncode != 0
     assert "Failed to activate SuperNode" in rogue_log.read_text()
     assert "Receiving:" not in rogue_log.read_text()
+    assert "Warm task launcher" not in (work / "logs" / "supernode-0.log").read_text()
     registered = {int(n) for n in re.findall(r"SuperNode (\d+) registered", output)}
     assert registered == {supernode_id(work / "logs" / "supernode-0.log")}
     folder = run_folder(work)

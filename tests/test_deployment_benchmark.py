@@ -69,3 +69,32 @@ def test_node_cycles_are_reply_to_reply_per_node(bench):
     events += _events((1, "timeout", 9.0), (1, "merged", 6.5), (2, "merged", 5.0))
 
     assert sorted(bench.node_cycles(events)) == [2.5, 3.0, 3.0]
+
+
+class _Proc:
+    def __init__(self, cmdline, parents=()):
+        self._cmdline, self._parents = cmdline, list(parents)
+
+    def cmdline(self):
+        return self._cmdline
+
+    def parents(self):
+        return self._parents
+
+
+def test_warm_launcher_processes_are_told_apart_by_their_ancestors(bench):
+    shell = _Proc(["bash", "run-local-deployment.sh"])
+    launcher = _Proc(["python", "-m", "afl_flwr.warm_exec", "--", "flower-supernode"])
+    template = _Proc(launcher.cmdline(), [launcher, shell])
+    task = _Proc(launcher.cmdline(), [template, launcher, shell])
+    launcher._parents = [shell]
+    roles = [bench.warm_exec_role(p) for p in (launcher, template, task)]
+    assert roles == ["warm SuperExec", "warm template", "flwr-clientapp (forked)"]
+
+
+def test_variants_compare_flowers_launcher_with_the_printed_warm_one(bench):
+    plan = bench.variants([1, 2])
+    assert [v.args for v in plan] == [["--task-launcher", "flower"]] * 2 + [[], []]
+    assert plan[0].run_config == "node-worker='off'"
+    assert plan[2].label.startswith("as printed") and plan[2].run_config == ""
+    assert plan[3].run_config == "node-queue-depth=2"

@@ -10,6 +10,7 @@ and results live under ``tmp_path``; every process a test started is stopped by
 pid on every exit path (see ``deployment_helpers``).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -39,6 +40,7 @@ from deployment_helpers import (
 from afl_flwr.checkpoint import load_checkpoint
 from afl_flwr.client_app import client_trainset
 from afl_flwr.config import AppConfig
+from afl_flwr.launch import flower_processes
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(600)]
 
@@ -88,6 +90,16 @@ def run_statuses(work: Path) -> dict[int, str]:
     return {int(r["run-id"]): r["status"] for r in runs["runs"]}
 
 
+def warm_launchers(home: Path) -> list[int]:
+    """PIDs of live ``afl_flwr.warm_exec`` processes whose FLWR_HOME is ``home``."""
+    pids = []
+    for proc in flower_processes(home):
+        with contextlib.suppress(psutil.Error):
+            if "afl_flwr.warm_exec" in proc.cmdline()[:3]:
+                pids.append(proc.pid)
+    return pids
+
+
 def test_killed_supernode_restarted_rejoins_and_its_partition_trains(tmp_path):
     # Prepare
     work = tmp_path / "deployment"
@@ -128,10 +140,11 @@ def test_killed_supernode_restarted_rejoins_and_its_partition_trains(tmp_path):
             [victim_pid] = pids_running(home, "flower-supernode")
             running = psutil.Process(victim_pid).cmdline()
             os.kill(victim_pid, signal.SIGKILL)
-            # Its SuperExec follows it out: only the new node's SuperExec is to
-            # poll the Runtime API port the new node serves again.
+            # Its SuperExec (the warm launcher that started it) follows it out:
+            # only the new node's SuperExec is to poll the Runtime API port the
+            # new node serves again.
             wait_for(
-                lambda: not pids_running(home, "flower-superexec"),
+                lambda: not warm_launchers(home),
                 "the dead SuperNode's SuperExec to exit",
                 30,
                 deployment,
@@ -146,10 +159,13 @@ def test_killed_supernode_restarted_rejoins_and_its_partition_trains(tmp_path):
     finally:
         leftovers = stop_leftovers(work)
 
-    # Assert: the printed command is the one that ran, the run completed
+    # Assert: the printed command is the one that ran (the SuperNode's after
+    # the warm launcher's `--`), the run completed
     output = log.read_text()
-    assert Path(running[1]).name == restart[0]
-    assert running[2:] == restart[1:]
+    assert restart[:3] == ["python", "-m", "afl_flwr.warm_exec"]
+    node_command = restart[restart.index("--") + 1 :]
+    assert Path(running[1]).name == node_command[0]
+    assert running[2:] == node_command[1:]
     assert f"partition-id={victim} num-partitions={nodes}" in restart
     assert deployment.returncode == 0, output[-6000:]
     assert "Run status: finished:completed" in output

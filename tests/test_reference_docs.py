@@ -95,3 +95,25 @@ def test_the_readme_strategy_snippet_builds():
         snippet, {"StalenessAwareAsyncStrategy": StalenessAwareAsyncStrategy}
     )
     assert strategy.aggregator.buffer_size == 10
+
+
+def markdown_tables(text: str) -> list[str]:
+    """The markdown tables in ``text``, each as its block of ``|`` lines."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            tables.append("\n".join(block))
+            block = []
+    return tables
+
+
+def test_the_deployment_pages_tables_are_the_benchmarks_own():
+    # Every table of the benchmark's report is in docs/deployment.md as written.
+    report = (DOCS.parent / "benchmarks" / "results" / "deployment.md").read_text()
+    page = (DOCS / "deployment.md").read_text()
+    tables = markdown_tables(report)
+    assert len(tables) >= 5
+    missing = [t.splitlines()[0] for t in tables if t not in page]
+    assert not missing
