@@ -9,10 +9,13 @@ One run measures, on the same machine and run config:
 2. **Deployments**: the runbook command exactly as ``docs/deployment.md`` prints
    it (TLS, node authentication, 3 SuperNodes on 127.0.0.1), with only where it
    runs appended (ports, work and results folders), once per variant:
-   ``before`` (``node-worker = "off"``: each train task imports torch, loads
-   its partition and trains cold in its own process, as before the node
-   worker), then every ``--depths`` value (``node-queue-depth`` appended; at
-   the default depth, the printed command itself: the ``as printed`` row).
+   ``before`` (``--task-launcher flower`` and ``node-worker = "off"``: every
+   task process starts cold and each train task imports torch, loads its
+   partition and trains in its own process, as before the node worker),
+   ``Flower's launcher`` (``--task-launcher flower``: as before the warm task
+   launcher), then every ``--depths`` value under the warm launcher
+   (``node-queue-depth`` appended; at the default depth, the printed command
+   itself: the ``as printed`` row).
    Each SuperNode's ClientApp logs the split of every task (``Cold task
    timing``); ``events.csv`` gives each node's cycle (reply to
    reply), its staleness and the accuracy.
@@ -30,9 +33,9 @@ CPU seconds per update (all deployment processes, sampled from ``/proc``; the
 in-process engine's process) compare the work done independently of the load.
 Writes ``<out>/deployment.md`` and ``<out>/deployment.json``.
 
-Usage::
+Usage (the data folder is the printed command's ``--data-dir``)::
 
-    python benchmarks/deployment.py --data-dir ../shared/data/mnist
+    python benchmarks/deployment.py --depths 1 2 --repeats 3 --staleness-seeds
 """
 
 import argparse

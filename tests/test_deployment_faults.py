@@ -91,11 +91,18 @@ def run_statuses(work: Path) -> dict[int, str]:
 
 
 def warm_launchers(home: Path) -> list[int]:
-    """PIDs of live ``afl_flwr.warm_exec`` processes whose FLWR_HOME is ``home``."""
+    """PIDs of live warm launchers (SuperExecs) whose FLWR_HOME is ``home``.
+
+    Their template and the task processes forked from it run under the same
+    command line; a launcher is the one whose parent is not a launcher.
+    """
     pids = []
     for proc in flower_processes(home):
         with contextlib.suppress(psutil.Error):
-            if "afl_flwr.warm_exec" in proc.cmdline()[:3]:
+            parent = proc.parent()
+            if "afl_flwr.warm_exec" in proc.cmdline()[:3] and (
+                parent is None or "afl_flwr.warm_exec" not in parent.cmdline()[:3]
+            ):
                 pids.append(proc.pid)
     return pids
 
