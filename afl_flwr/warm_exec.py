@@ -292,7 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         if supernode_command:
-            supernode = subprocess.Popen(supernode_command)
+            try:
+                supernode = subprocess.Popen(supernode_command)
+            except OSError as err:
+                print(
+                    f"error: cannot start the SuperNode command after '--' "
+                    f"({supernode_command[0]!r}): {err}",
+                    file=sys.stderr,
+                )
+                return 2
             superexec_args += ["--parent-pid", str(supernode.pid)]
             # Reap it as soon as it exits: the SuperExec's parent monitor sees
             # a zombie as alive.

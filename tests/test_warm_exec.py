@@ -276,3 +276,20 @@ def test_help_names_the_supernode_separator_and_flowers_options():
     assert "[-- SUPERNODE COMMAND]" in proc.stdout
     assert "--runtime-api-address" in proc.stdout  # flower-superexec's own help
     assert "Warm task launcher" not in proc.stdout + proc.stderr  # nothing started
+
+
+def test_a_supernode_command_that_cannot_start_is_named_and_exits_2():
+    with SocketPort() as port:
+        address = f"127.0.0.1:{port}"
+    superexec = ["--insecure", "--runtime-api-address", address]
+    proc = subprocess.run(
+        [sys.executable, "-m", "afl_flwr.warm_exec", *superexec, "--", "no-such-cmd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "cannot start the SuperNode command after '--'" in proc.stderr
+    assert "'no-such-cmd'" in proc.stderr
+    assert "Traceback" not in proc.stderr
