@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from logging import INFO, WARNING
@@ -81,7 +82,9 @@ class Template:
         """
         read_fd, write_fd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the template
+        if pid == 0:  # the template: the default signal handling
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.close(write_fd)
             code = 1
             try:
@@ -106,6 +109,24 @@ class Template:
         """Close the request pipe: the template exits (its tasks run on)."""
         with self._lock:
             self._requests.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the pipe and reap the template; SIGKILL it after ``timeout`` s."""
+        self.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return  # already reaped
+            if pid:
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.05)
 
 
 def _preload() -> Any:
@@ -284,13 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.argv = ["flower-superexec", "--help"]
         flower_superexec()  # prints its options and exits
-    template = Template.start()  # before any thread or child exists
+    # SIGTERM/SIGINT are recorded, and unwind through the `finally` below (which
+    # stops the SuperNode and the template) only once the children are known;
+    # Flower's SuperExec later installs its own handlers.
+    signals = _Signals()
+    template: Template | None = None
     supernode: subprocess.Popen[bytes] | None = None
     code = 0
-    # Until Flower's SuperExec installs its handlers: SIGTERM unwinds through
-    # the `finally` below (which stops the SuperNode) instead of killing us.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        template = Template.start()  # before any thread or child exists
         if supernode_command:
             try:
                 supernode = subprocess.Popen(supernode_command)
@@ -305,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Reap it as soon as it exits: the SuperExec's parent monitor sees
             # a zombie as alive.
             threading.Thread(target=supernode.wait, daemon=True).start()
+        signals.arm()  # a signal that came meanwhile is raised now
         from flwr.common.logger import log
         from flwr.supercore.cli import flower_superexec
 
@@ -322,15 +346,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
     finally:
+        signals.disarm()  # a second signal must not cut the cleanup short
         if supernode is not None:
             _stop(supernode)
+        if template is not None:
+            template.stop()
     if supernode is not None and supernode.returncode not in (None, 0) and code == 0:
         code = 1
     return code
 
 
-def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+class _Signals:
+    """SIGTERM and SIGINT, recorded; raised as ``SystemExit`` only while armed."""
+
+    NUMBERS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.pending: list[int] = []
+        self.install()
+
+    def install(self) -> None:
+        """Make this object the handler of both signals."""
+        for signum in self.NUMBERS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.pending.append(signum)
+        if self.armed:
+            raise SystemExit(128 + signum)
+
+    def arm(self) -> None:
+        """Raise from now on, and at once for a signal recorded before."""
+        self.armed = True
+        if self.pending:
+            raise SystemExit(128 + self.pending[0])
+
+    def disarm(self) -> None:
+        """Record only (taking both signals back from Flower's handlers)."""
+        self.armed = False
+        self.install()
 
 
 # Seconds a SuperNode gets to stop after SIGTERM before it is killed.

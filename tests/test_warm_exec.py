@@ -6,6 +6,7 @@ executor's routing and the launcher's life cycle around a SuperNode command run
 for real, bounded in time, every process stopped by pid.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -200,12 +201,29 @@ class SocketPort:
 
 
 def family(pid):
-    """``pid`` and its descendants still alive."""
+    """``pid`` and its descendants still running (zombies have ended)."""
     try:
         root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
+        members = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+    return [p for p in members if running(p)]
+
+
+def running(proc):
+    """Alive and not a zombie (Flower's imports spawn short-lived helpers)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def still_running(members, timeout=20.0):
+    """The ``members`` still running after up to ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while (left := [p for p in members if running(p)]) and time.time() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 @pytest.mark.process
@@ -230,13 +248,16 @@ def test_the_launcher_exits_with_its_supernode_and_stops_it_when_stopped(tmp_pat
                 assert time.time() < deadline, (tmp_path / "long.log").read_text()
                 time.sleep(0.2)
             members = family(proc.pid)
-            commands = [" ".join(p.cmdline()) for p in members]
+            commands = []
+            for member in members:
+                with contextlib.suppress(psutil.Error):
+                    commands.append(" ".join(member.cmdline()))
             # the launcher, its template and the SuperNode (at least)
             assert sum("afl_flwr.warm_exec" in c for c in commands) >= 2, commands
             assert any("time.sleep(600)" in c for c in commands), commands
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-            _gone, alive = psutil.wait_procs(members, timeout=20)
+            alive = still_running(members)
         finally:
             kill_group(proc.pid)
     output = (tmp_path / "long.log").read_text()
@@ -258,20 +279,25 @@ def test_a_launcher_stopped_while_it_starts_still_stops_its_supernode(tmp_path):
             members = family(proc.pid)
             proc.send_signal(signal.SIGTERM)  # most likely before Flower's handlers
             proc.wait(timeout=60)
-            _gone, alive = psutil.wait_procs(members, timeout=20)
+            alive = still_running(members)
         finally:
             kill_group(proc.pid)
     assert alive == [], (tmp_path / "long.log").read_text()[-3000:]
 
 
-def test_help_names_the_supernode_separator_and_flowers_options():
-    proc = subprocess.run(
-        [sys.executable, "-m", "afl_flwr.warm_exec", "--help"],
+def run_launcher(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m afl_flwr.warm_exec ARGS`` to its end (bounded), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "afl_flwr.warm_exec", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_help_names_the_supernode_separator_and_flowers_options():
+    proc = run_launcher("--help")
     assert proc.returncode == 0
     assert "[-- SUPERNODE COMMAND]" in proc.stdout
     assert "--runtime-api-address" in proc.stdout  # flower-superexec's own help
@@ -281,13 +307,8 @@ def test_help_names_the_supernode_separator_and_flowers_options():
 def test_a_supernode_command_that_cannot_start_is_named_and_exits_2():
     with SocketPort() as port:
         address = f"127.0.0.1:{port}"
-    superexec = ["--insecure", "--runtime-api-address", address]
-    proc = subprocess.run(
-        [sys.executable, "-m", "afl_flwr.warm_exec", *superexec, "--", "no-such-cmd"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = run_launcher(
+        "--insecure", "--runtime-api-address", address, "--", "no-such-cmd"
     )
     assert proc.returncode == 2
     assert "cannot start the SuperNode command after '--'" in proc.stderr
