@@ -144,7 +144,8 @@ class AppConfig:
     # Asynchronous aggregation.
     aggregation: str = setting(
         "fedbuff",
-        "the rule: `fedbuff`, `fedasync`, `ca2fl`, `fadas` (see docs/strategy.md)",
+        "the rule: `fedbuff`, `fedasync`, `ca2fl`, `fadas`, `fedstaleweight` "
+        "(see docs/strategy.md)",
     )
     buffer_size: int = setting(
         0, "K updates per buffered merge; `0` = half of `clients-per-round`, at least 1"
@@ -152,7 +153,7 @@ class AppConfig:
     server_lr: float = setting(
         RULE_DEFAULT_LR,
         "server learning rate of buffered rules; `0` = the rule's own default "
-        "(fedbuff, ca2fl 1.0; fadas 0.001)",
+        "(fedbuff, ca2fl, fedstaleweight 1.0; fadas 0.001)",
     )
     mixing_rate: float = setting(0.5, "fedasync: `a` of the mixing, in (0, 1]")
     staleness_fn: str = setting(

@@ -147,6 +147,10 @@ DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
     "ca2fl K=C/2 eta=0.3": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.3},
     "ca2fl K=C/2 eta=0.5": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.5},
     "ca2fl K=C/2 eta=0.4": {"aggregation": "ca2fl", "buffer-size": 5, "server-lr": 0.4},
+    # Fourth round: FedStaleWeight (Ma et al. 2024), which weighs each client by
+    # its average staleness so that slow clients' data are not learned less.
+    "fedstaleweight K=C/2": {"aggregation": "fedstaleweight", "buffer-size": 5},
+    "fedstaleweight K=C": {"aggregation": "fedstaleweight", "buffer-size": 10},
 }
 TUNE_SEEDS = (100, 101, 102)
 

@@ -13,7 +13,8 @@ One run measures, on the same machine and run config:
    task process starts cold and each train task imports torch, loads its
    partition and trains in its own process, as before the node worker),
    ``Flower's launcher`` (``--task-launcher flower``: as before the warm task
-   launcher), then every ``--depths`` value under the warm launcher
+   launcher), ``Flower's SuperNode`` (``--node-pull-interval 3``: as before the
+   SuperNode's 0.5-s idle pull), then every ``--depths`` value under the warm launcher
    (``node-queue-depth`` appended; at the default depth, the printed command
    itself: the ``as printed`` row).
    Each SuperNode's ClientApp logs the split of every task (``Cold task
@@ -144,35 +145,48 @@ class Variant:
 
 
 def variants(depths: list[int]) -> list[Variant]:
-    """``before``, Flower's launcher, then one deployment per depth.
+    """``before``, Flower's launcher, Flower's SuperNode, then one run per depth.
 
     ``before`` is the printed command as it was before the node worker and the
     warm launcher: every task process starts cold (``--task-launcher flower``)
     and every train task imports, loads and trains in its own process
     (``node-worker = "off"``), at depth 1. ``Flower's launcher`` is the printed
-    command as it was before the warm launcher (node worker on). Then the warm
-    launcher (the runbook's default) at each depth; at the default depth, the
+    command as it was before the warm launcher (node worker on). ``Flower's
+    SuperNode`` is the printed command as it was before the SuperNode's idle
+    pull interval (``--node-pull-interval 3``: Flower's ``flower-supernode``).
+    Then the runbook's defaults at each depth; at the default depth, the
     printed command itself: the ``as printed`` row.
     """
     default = AppConfig().node_queue_depth
-    flower = ["--task-launcher", "flower"]
+    flower_node = ["--node-pull-interval", "3"]
+    flower = ["--task-launcher", "flower", *flower_node]
     out = [
         Variant(
-            "before (Flower's launcher, node worker off, depth 1)",
+            "before (Flower's launcher and SuperNode, node worker off, depth 1)",
             "node-worker='off'",
             args=flower,
         ),
-        Variant(f"Flower's launcher (node worker, depth {default})", args=flower),
+        Variant(
+            f"Flower's launcher and SuperNode (node worker, depth {default})",
+            args=flower,
+        ),
+        Variant(
+            f"Flower's SuperNode (warm launcher, node worker, depth {default})",
+            args=flower_node,
+        ),
     ]
     for depth in depths:
         if depth == default:
             out.append(
-                Variant(f"as printed (warm launcher, node worker, depth {depth})")
+                Variant(
+                    "as printed (warm launcher, 0.5-s node pull, node worker, "
+                    f"depth {depth})"
+                )
             )
         else:
             out.append(
                 Variant(
-                    f"warm launcher, node worker, depth {depth}",
+                    f"warm launcher, 0.5-s node pull, node worker, depth {depth}",
                     f"node-queue-depth={depth}",
                 )
             )
@@ -248,6 +262,8 @@ def flower_pids(work: Path) -> list[int]:
 # The warm launcher's module: its SuperExec, its template and the task processes
 # forked from that template all run under this command line.
 WARM_EXEC = "afl_flwr.warm_exec"
+# Flower's SuperNode run with its idle pull interval set.
+SUPERNODE = "afl_flwr.supernode"
 WARM_ROLES = ("warm SuperExec", "warm template", "flwr-clientapp (forked)")
 
 
@@ -298,6 +314,8 @@ class CpuSampler(threading.Thread):
         cmdline = " ".join(proc.cmdline())
         if WARM_EXEC in cmdline:
             return warm_exec_role(proc)
+        if SUPERNODE in cmdline:  # Flower's SuperNode, idle pull interval set
+            return "flower-supernode"
         return next((k for k in self.KINDS if k in cmdline), "other")
 
     def stop(self) -> dict[str, float]:

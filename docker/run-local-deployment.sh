@@ -30,6 +30,10 @@
 #                            from a template that imported flwr-clientapp once,
 #                            python -m afl_flwr.warm_exec) or `flower` (Flower's
 #                            own: every task process starts cold)
+#   --node-pull-interval S   seconds a SuperNode waits after a pull that found no
+#                            message (default 0.5: python -m afl_flwr.supernode;
+#                            3 runs Flower's flower-supernode, whose fixed wait
+#                            that is)
 #   --keep-running           after the run, keep the SuperLink and SuperNodes up
 #                            (for another `flwr run`, e.g. a resume) until Ctrl-C
 #   --check-only             validate the run config, start nothing
@@ -59,6 +63,7 @@ extra_config=()
 check_only=0
 keep_running=0
 task_launcher=warm
+node_pull_interval=0.5
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
@@ -88,6 +93,7 @@ while (($#)); do
     --results-dir) results_dir="${2:?}"; shift ;;
     --run-config) extra_config+=("${2:?}"); shift ;;
     --task-launcher) task_launcher="${2:?}"; shift ;;
+    --node-pull-interval) node_pull_interval="${2:?}"; shift ;;
     --keep-running) keep_running=1 ;;
     --check-only) check_only=1 ;;
     -h | --help) usage; exit 0 ;;
@@ -98,6 +104,9 @@ done
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
 [[ "$task_launcher" == warm || "$task_launcher" == flower ]] ||
   die "--task-launcher must be 'warm' or 'flower', got '$task_launcher'"
+[[ "$node_pull_interval" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] &&
+  python -c "import sys; sys.exit(not 0 < float(sys.argv[1]) <= 60)" "$node_pull_interval" ||
+  die "--node-pull-interval must be a number of seconds in (0, 60], got '$node_pull_interval'"
 for cmd in flwr flower-superlink flower-supernode flower-superexec python; do
   command -v "$cmd" >/dev/null ||
     die "'$cmd' is not on PATH: activate the venv where afl-flwr is installed"
@@ -265,7 +274,12 @@ fi
 # 5. SuperNodes, each with its own Runtime API port and data partition. With the
 # warm launcher each node is one command: Flower's SuperExec with warm task
 # processes (python -m afl_flwr.warm_exec), which starts the SuperNode after
-# `--` in `process` isolation, exits with it and stops it when stopped.
+# `--` in `process` isolation, exits with it and stops it when stopped. Unless
+# --node-pull-interval is 3, the SuperNode is Flower's with that idle wait
+# (python -m afl_flwr.supernode) instead of its fixed 3 s after every reply.
+supernode=(flower-supernode)
+[[ "$node_pull_interval" =~ ^0*3(\.0*)?$ ]] ||
+  supernode=(python -m afl_flwr.supernode --idle-pull-interval "$node_pull_interval" -- flower-supernode)
 for ((i = 0; i < nodes; i++)); do
   node_auth=() launcher=() isolation=()
   ((insecure)) || node_auth=(--auth-supernode-private-key "$certs_dir/supernode-$i")
@@ -274,7 +288,7 @@ for ((i = 0; i < nodes; i++)); do
       --runtime-api-address "127.0.0.1:$((node_base_port + i))" --)
     isolation=(--isolation process)
   fi
-  start "supernode-$i" "${launcher[@]}" flower-supernode "${node_tls[@]}" "${node_auth[@]}" \
+  start "supernode-$i" "${launcher[@]}" "${supernode[@]}" "${node_tls[@]}" "${node_auth[@]}" \
     --superlink "127.0.0.1:$port" --port "$((node_base_port + i))" "${isolation[@]}" \
     --node-config "partition-id=$i num-partitions=$nodes" \
     --max-retries 5 --max-wait-time 60

@@ -96,19 +96,36 @@ def flower_pids(work: Path) -> list[int]:
     return [p.pid for p in flower_processes(work)]
 
 
-def pids_running(home: Path, executable: str) -> list[int]:
-    """PIDs of live ``executable`` processes whose FLWR_HOME is ``home``."""
+def programs_of(cmdline: list[str]) -> set[str]:
+    """What a command line may run: its first two words' names, or a ``-m`` module."""
+    if len(cmdline) > 2 and cmdline[1] == "-m":
+        return {cmdline[2]}
+    return {Path(word).name for word in cmdline[:2]}
+
+
+def pids_running(home: Path, *programs: str) -> list[int]:
+    """PIDs of live processes running one of ``programs`` with FLWR_HOME ``home``.
+
+    A program is a console script (``flower-supernode``) or a module run with
+    ``python -m`` (``afl_flwr.supernode``).
+    """
     pids = []
     for proc in flower_processes(home):
         with contextlib.suppress(psutil.Error):
-            if any(word.endswith(executable) for word in proc.cmdline()[:2]):
+            if programs_of(proc.cmdline()) & set(programs):
                 pids.append(proc.pid)
     return pids
 
 
+# A SuperNode: Flower's console script, or Flower's SuperNode with the
+# runbook's idle pull interval (python -m afl_flwr.supernode).
+SUPERNODE_PROGRAMS = ("flower-supernode", "afl_flwr.supernode")
+
+
 def supernode_pids(work: Path, index: int) -> list[int]:
     """PIDs of SuperNode processes whose FLWR_HOME is ``supernode-<index>``."""
-    return pids_running(work / "flwr-home" / f"supernode-{index}", "flower-supernode")
+    home = work / "flwr-home" / f"supernode-{index}"
+    return pids_running(home, *SUPERNODE_PROGRAMS)
 
 
 def stop_leftovers(work: Path, grace_s: float = 10.0) -> list[int]:

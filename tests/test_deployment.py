@@ -66,6 +66,10 @@ def test_insecure_deployment_trains_three_partitions_asynchronously(
         log = (work / "logs" / f"supernode-{i}.log").read_text()
         assert "Warm task launcher: ClientApp tasks fork from template" in log
         assert "Start `flwr-clientapp` process" in log  # Flower's entry point ran
+        # ... and the SuperNode is Flower's, with the runbook's idle pull interval
+        assert (
+            "SuperNode pull intervals: 0.5 s after an empty pull (Flower: 3 s)" in log
+        )
         timings = re.findall(r"Cold task timing: .*", log)
         pids = set(re.findall(r"on node worker (\d+)", log))
         assert len(timings) >= 2 and all("on node worker" in t for t in timings)

@@ -92,9 +92,12 @@ def test_warm_launcher_processes_are_told_apart_by_their_ancestors(bench):
     assert roles == ["warm SuperExec", "warm template", "flwr-clientapp (forked)"]
 
 
-def test_variants_compare_flowers_launcher_with_the_printed_warm_one(bench):
+def test_variants_compare_flowers_launcher_and_supernode_with_the_printed_one(bench):
     plan = bench.variants([1, 2])
-    assert [v.args for v in plan] == [["--task-launcher", "flower"]] * 2 + [[], []]
+    flower_node = ["--node-pull-interval", "3"]
+    flower = ["--task-launcher", "flower", *flower_node]
+    assert [v.args for v in plan] == [flower, flower, flower_node, [], []]
     assert plan[0].run_config == "node-worker='off'"
-    assert plan[2].label.startswith("as printed") and plan[2].run_config == ""
-    assert plan[3].run_config == "node-queue-depth=2"
+    assert plan[1].run_config == plan[2].run_config == ""
+    assert plan[3].label.startswith("as printed") and plan[3].run_config == ""
+    assert plan[4].run_config == "node-queue-depth=2"

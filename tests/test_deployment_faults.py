@@ -24,6 +24,7 @@ import pytest
 from conftest import run_bounded
 from deployment_helpers import (
     DEPLOYMENT_TIMEOUT_S,
+    SUPERNODE_PROGRAMS,
     background,
     deployment_env,
     free_port,
@@ -144,7 +145,7 @@ def test_killed_supernode_restarted_rejoins_and_its_partition_trains(tmp_path):
             victim = second_task_node()
             assert victim is not None
             home = work / "flwr-home" / f"supernode-{victim}"
-            [victim_pid] = pids_running(home, "flower-supernode")
+            [victim_pid] = pids_running(home, *SUPERNODE_PROGRAMS)
             running = psutil.Process(victim_pid).cmdline()
             os.kill(victim_pid, signal.SIGKILL)
             # Its SuperExec (the warm launcher that started it) follows it out:
@@ -171,8 +172,9 @@ def test_killed_supernode_restarted_rejoins_and_its_partition_trains(tmp_path):
     output = log.read_text()
     assert restart[:3] == ["python", "-m", "afl_flwr.warm_exec"]
     node_command = restart[restart.index("--") + 1 :]
-    assert Path(running[1]).name == node_command[0]
-    assert running[2:] == node_command[1:]
+    assert node_command[:3] == ["python", "-m", "afl_flwr.supernode"]
+    assert Path(running[0]).name.startswith("python")
+    assert running[1:] == node_command[1:]
     assert f"partition-id={victim} num-partitions={nodes}" in restart
     assert deployment.returncode == 0, output[-6000:]
     assert "Run status: finished:completed" in output

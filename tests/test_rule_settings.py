@@ -46,6 +46,9 @@ OTHER_VALUES = {
     ("fadas", "delay_rule"): "paper",
     ("fadas", "bias_correction"): False,
     ("fadas", "weighted"): True,
+    ("fedstaleweight", "buffer_size"): 3,
+    ("fedstaleweight", "server_lr"): 0.5,
+    ("fedstaleweight", "window"): 2,
 }
 SETTINGS = sorted(OTHER_VALUES)
 

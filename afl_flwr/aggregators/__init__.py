@@ -3,7 +3,8 @@
 ``make_aggregator("fedbuff", {"server_lr": 0.5})`` builds a registered rule from
 strategy keywords; the aliases ``buffered`` and ``immediate`` name FedBuff and
 FedAsync. Registered: ``fedbuff``, ``fedasync``, ``ca2fl`` (cached update
-calibration) and ``fadas`` (AMSGrad server step with a delay-adaptive rate).
+calibration), ``fadas`` (AMSGrad server step with a delay-adaptive rate) and
+``fedstaleweight`` (clients reweighted by their average staleness).
 """
 
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from afl_flwr.aggregators.ca2fl import CA2FL, CA2FLSettings
 from afl_flwr.aggregators.fadas import FADAS, FADASSettings
 from afl_flwr.aggregators.fedasync import FedAsync, FedAsyncSettings
 from afl_flwr.aggregators.fedbuff import FedBuff, FedBuffSettings
+from afl_flwr.aggregators.fedstaleweight import FedStaleWeight, FedStaleWeightSettings
 from afl_flwr.settings import SettingError
 
 # Other names of fedbuff and fedasync, accepted as well.
@@ -125,6 +127,8 @@ __all__ = [
     "FedAsyncSettings",
     "FedBuff",
     "FedBuffSettings",
+    "FedStaleWeight",
+    "FedStaleWeightSettings",
     "MergeRefused",
     "RuleSettings",
     "StalenessSettings",
