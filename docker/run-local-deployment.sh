@@ -104,9 +104,10 @@ done
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
 [[ "$task_launcher" == warm || "$task_launcher" == flower ]] ||
   die "--task-launcher must be 'warm' or 'flower', got '$task_launcher'"
-[[ "$node_pull_interval" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] &&
-  python -c "import sys; sys.exit(not 0 < float(sys.argv[1]) <= 60)" "$node_pull_interval" ||
+if ! [[ "$node_pull_interval" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] ||
+  ! python -c "import sys; sys.exit(not 0 < float(sys.argv[1]) <= 60)" "$node_pull_interval"; then
   die "--node-pull-interval must be a number of seconds in (0, 60], got '$node_pull_interval'"
+fi
 for cmd in flwr flower-superlink flower-supernode flower-superexec python; do
   command -v "$cmd" >/dev/null ||
     die "'$cmd' is not on PATH: activate the venv where afl-flwr is installed"

@@ -198,6 +198,26 @@ def test_each_supernode_serves_its_own_partition_and_clientapp(files, certs):
     assert clientapp_targets == sorted(supernodes)
 
 
+@pytest.mark.parametrize("files", COMPOSE_SETS.values(), ids=COMPOSE_SETS.keys())
+def test_clientapp_superexecs_run_the_warm_launcher_and_the_serverapps_flowers(
+    files, certs
+):
+    services = resolved(files, certs)["services"]
+    app = {name: s for name, s in services.items() if "build" in s}
+    serverapp = [n for n, s in app.items() if "superlink:" in " ".join(s["command"])]
+    clientapps = sorted(set(app) - set(serverapp))
+
+    assert len(serverapp) == 1 and len(clientapps) == 3
+    for name in clientapps:
+        assert app[name]["entrypoint"] == ["python", "-m", "afl_flwr.warm_exec"], name
+    # The ServerApp's SuperExec keeps the image's ENTRYPOINT (flower-superexec).
+    assert app[serverapp[0]].get("entrypoint") is None
+    entrypoint = re.search(
+        r"^ENTRYPOINT (.*)$", (DOCKER / "Dockerfile").read_text(), re.M
+    )
+    assert entrypoint and json.loads(entrypoint.group(1)) == ["flower-superexec"]
+
+
 def test_tls_override_enables_tls_and_node_auth_everywhere(certs):
     model = resolved(COMPOSE_SETS["tls"], certs)
     services = model["services"]

@@ -235,6 +235,25 @@ def test_runbook_refuses_a_bad_config_before_starting_anything(
     assert not work.exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--node-pull-interval", "0"], r"--node-pull-interval must be a number"),
+        (["--node-pull-interval", "soon"], r"got 'soon'"),
+        (["--task-launcher", "cold"], r"--task-launcher must be 'warm' or 'flower'"),
+    ],
+)
+def test_runbook_refuses_a_bad_option_before_starting_anything(
+    tmp_path, option, message
+):
+    work = tmp_path / "work"
+    proc = run_runbook(["--insecure", *option], work)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.search(message, proc.stderr)
+    assert "flower-superlink" not in proc.stdout
+    assert not work.exists()
+
+
 def test_check_deployment_merges_the_app_defaults_and_overrides():
     cfg = launch.check_deployment(
         REPO, ["num-clients=4 clients-per-round=4", "clients-per-round=2"], 4
