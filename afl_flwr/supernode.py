@@ -30,6 +30,7 @@ to still contain them, and the SuperNode refuses to start when it does not
 
 import argparse
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -190,7 +191,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         options, rest = parser.parse_args(argv[:split]), argv[split + 1 :]
     else:
         options, rest = parser.parse_known_args(argv)
-    if rest[:1] == ["flower-supernode"]:
+    if rest and os.path.basename(rest[0]) == "flower-supernode":
         rest = rest[1:]
     return options, rest
 

@@ -176,6 +176,11 @@ cleanup() {
         sleep 0.2
       done
       pkill -TERM -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp|afl_flwr.warm_exec' 2>/dev/null || true
+      for _ in $(seq 25); do
+        pgrep -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp|afl_flwr.warm_exec' >/dev/null || break
+        sleep 0.2
+      done
+      pkill -KILL -g "$pgid" -f 'afl_flwr.node_worker|flwr-clientapp|afl_flwr.warm_exec' 2>/dev/null || true
     fi
   fi
   echo "Logs: $work_dir/logs"

@@ -100,6 +100,7 @@ def test_install_replaces_the_loops_clock_only(monkeypatch):
     "argv, intervals, rest",
     [
         (["--", "flower-supernode", "--insecure"], (0.5, 0.1), ["--insecure"]),
+        (["--", "/bin/flower-supernode", "--insecure"], (0.5, 0.1), ["--insecure"]),
         (
             ["--idle-pull-interval", "1", "--", "--superlink", "127.0.0.1:9"],
             (1.0, 0.1),
