@@ -397,7 +397,7 @@ def test_registered_and_accepted_by_the_run_config():
         assert AppConfig.from_run_config({"aggregation": name}).aggregation == name
 
 
-@pytest.mark.parametrize("aggregation", ["ca2fl", "fadas"])
+@pytest.mark.parametrize("aggregation", ["ca2fl", "fadas", "fedstaleweight"])
 def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
     tmp_path, aggregation
 ):
@@ -446,6 +446,17 @@ def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
     if aggregation == "ca2fl":
         assert {f"cache-{n}" for n in nodes} <= set(state["extra_arrays"])
         assert state["aggregator"]["mean_over"] == 4
+    elif aggregation == "fedstaleweight":
+        # Every client's staleness window, newest last, at most W = 5 long; the
+        # resumed run's windows continue from the saved ones.
+        history = state["aggregator"]["history"]
+        assert set(history) <= {str(n) for n in nodes} and history
+        assert all(1 <= len(w) <= 5 for w in history.values())
+        assert max(max(w) for w in history.values()) >= 1  # node 1 is slow
+        resumed_history = second.aggregator.state()[1]["history"]
+        assert sum(map(len, resumed_history.values())) >= sum(
+            map(len, history.values())
+        )
     else:
         assert state["aggregator"]["t"] == 4
         assert set(state["extra_arrays"]) == {"fadas-m", "fadas-v", "fadas-vhat"}

@@ -1,8 +1,10 @@
 """FedStaleWeight: buffered aggregation, clients reweighted by their average staleness.
 
 Ma, Tu, Chen and Janapa Reddi, "FedStaleWeight: Buffered Asynchronous Federated
-Learning with Fair Aggregation via Staleness Reweighting" (arXiv 2406.02877),
-and its reference code (``afl-bench``, ``experiments/expected_staleness.py``).
+Learning with Fair Aggregation via Staleness Reweighting" (arXiv 2406.02877).
+Implemented from the authors' reference code (``afl-bench``,
+``experiments/expected_staleness.py``) and the paper's abstract; the paper's
+algorithm box was not available where this was written.
 Asynchrony favours fast clients: a client ``r`` times slower than the rest
 reports ``r`` times less often, so under non-IID data its classes are learned
 less. Its updates also arrive about ``r`` times staler. FedStaleWeight weighs
@@ -24,8 +26,10 @@ Two choices differ from the reference code and are this module's:
   FedAvg's, bit-identical at zero staleness and ``eta_g = 1``. The reference
   weighs clients equally.
 
-The per-client windows follow the reference's moving average (their length
-``W``, default 5, as there); they are checkpointed with the run. There is no
+The per-client windows are the reference's moving average of the last ``W``
+stalenesses (default 5, as there; the reference's ``list.pop()`` drops the
+newest entry once full, against its own comment "pop oldest", so here the
+oldest goes); they are checkpointed with the run. There is no
 staleness penalty ``s(tau)``: staleness raises a weight here, and the strategy's
 ``max-staleness`` still bounds it (an update staler than that is refused).
 
