@@ -144,7 +144,7 @@ class AppConfig:
     # Asynchronous aggregation.
     aggregation: str = setting(
         "fedbuff",
-        "the rule: `fedbuff`, `fedasync`, `ca2fl`, `fadas`, `fedstaleweight` "
+        "the rule: `fedbuff`, `fedasync`, `ca2fl`, `fadas`, `fedstaleweight`, `aced` "
         "(see docs/strategy.md)",
     )
     buffer_size: int = setting(
@@ -153,7 +153,7 @@ class AppConfig:
     server_lr: float = setting(
         RULE_DEFAULT_LR,
         "server learning rate of buffered rules; `0` = the rule's own default "
-        "(fedbuff, ca2fl, fedstaleweight 1.0; fadas 0.001)",
+        "(fedbuff, ca2fl, fedstaleweight 1.0; aced 0.25; fadas 0.001)",
     )
     mixing_rate: float = setting(0.5, "fedasync: `a` of the mixing, in (0, 1]")
     staleness_fn: str = setting(
@@ -163,7 +163,8 @@ class AppConfig:
     )
     staleness_a: float = setting(
         FUNCTION_DEFAULT,
-        "parameter `a` of the staleness function; `-1` = the function's own default",
+        "parameter `a` of the staleness function; `-1` = the rule's default for "
+        "the function (fedasync's polynomial: 0.5), else the function's own",
     )
     staleness_b: float = setting(
         FUNCTION_DEFAULT,

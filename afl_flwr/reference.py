@@ -80,6 +80,18 @@ def staleness_table() -> str:
             f"`{k} = {v:g}`" for k, v in parameter_defaults(name).items()
         )
         rows.append(f"| `{name}` | {formula} | {params or 'none'} |")
+    overrides = [
+        f"`{rule}`: {fn} " + ", ".join(f"`{k} = {v:g}`" for k, v in values.items())
+        for rule in AGGREGATORS
+        for fn, values in getattr(
+            rule_class(rule).Settings, "staleness_defaults", {}
+        ).items()
+    ]
+    if overrides:
+        rows += [
+            "",
+            "Rules' own defaults, where they differ: " + "; ".join(overrides) + ".",
+        ]
     return "\n".join(rows) + "\n"
 
 

@@ -7,7 +7,8 @@ an exponential decay, and ``1 / (1 + b tau)`` from the paper's reference code.
 Each function declares the parameters it uses, with its own defaults, in its
 signature: :func:`make_staleness_fn` binds only the parameters it is given, so
 ``make_staleness_fn("inverse")`` is ``1 / (1 + 0.05 tau)``, the reference code's
-value, and ``make_staleness_fn("polynomial")`` is FedBuff's ``1 / sqrt(1 + tau)``.
+value, and ``make_staleness_fn("polynomial")`` is ``1 / (1 + tau)`` (``a = 0.5``
+is FedBuff's ``1 / sqrt(1 + tau)``).
 """
 
 import inspect

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from flwr.common.config import parse_config_args
 
+from afl_flwr.aggregators import rule_keywords
 from afl_flwr.clock import NodeProfile, speed_factors
 from afl_flwr.config import AppConfig
 from afl_flwr.data import partition_sizes
@@ -151,6 +152,38 @@ DEFAULT_CANDIDATES: dict[str, dict[str, Any]] = {
     # its average staleness so that slow clients' data are not learned less.
     "fedstaleweight K=C/2": {"aggregation": "fedstaleweight", "buffer-size": 5},
     "fedstaleweight K=C": {"aggregation": "fedstaleweight", "buffer-size": 10},
+    # Fifth round: the staleness bound at K = C/2 covers half the client
+    # updates it covered at K = C (tau_max x K); restore them ...
+    "fedbuff K=C/2 a=1 tmax=40": {
+        "aggregation": "fedbuff",
+        "buffer-size": 5,
+        "staleness-a": 1.0,
+        "max-staleness": 40,
+    },
+    # ... and ACED (Chang et al. 2025), every client's latest update in
+    # each merge while it is at most tau_D versions old (heterogeneity
+    # amplification: fast clients' data dominate under non-IID data). Each
+    # cached delta enters every merge while active, so eta is scaled towards
+    # K / N; eta = 1 (tau 5, 10, 20) reached 0.34-0.47 against FedAvg's
+    # 0.67-0.80 in the first cell (Dir 0.1, stragglers) and was stopped there.
+    **{
+        f"aced K=C/2 tau={tau} lr={lr}": {
+            "aggregation": "aced",
+            "buffer-size": 5,
+            "aced-max-delay": tau,
+            "server-lr": lr,
+        }
+        for tau, lr in ((10, 0.5), (20, 0.5), (10, 0.25), (20, 0.25))
+    },
+    # Sixth round: FedAsync with its own exponent a = 0.5 (one version per
+    # update), with the app's staleness bound of 20 versions and with 100, the
+    # client updates 20 versions of K = 5 cover.
+    "fedasync a=0.5": {"aggregation": "fedasync", "staleness-a": 0.5},
+    "fedasync a=0.5 tmax=100": {
+        "aggregation": "fedasync",
+        "staleness-a": 0.5,
+        "max-staleness": 100,
+    },
 }
 TUNE_SEEDS = (100, 101, 102)
 
@@ -321,13 +354,16 @@ def app_default_work(size: Size, extra: dict[str, Any]) -> dict[str, Any]:
     """
     updates = size.versions * int(size.base["buffer-size"])
     defaults = AppConfig()
-    k = AppConfig.from_run_config(
+    config = AppConfig.from_run_config(
         {
             **size.base,
             "buffer-size": extra.get("buffer-size", defaults.buffer_size),
             **extra,
         }
-    ).effective_buffer_size
+    )
+    # A rule without a buffer (FedAsync) makes one version per update.
+    buffered = "buffer_size" in rule_keywords(config.aggregation)
+    k = config.effective_buffer_size if buffered else 1
     if updates % k or size.eval_updates % k:
         raise ValueError(f"K={k} does not divide the size's updates and evaluations")
     return {
@@ -868,22 +904,35 @@ def tune(base: dict[str, Any], out: Path, workers: int) -> str:
     return text
 
 
-def tune_default(base: dict[str, Any], out: Path, workers: int) -> str:
+def tune_default(
+    base: dict[str, Any],
+    out: Path,
+    workers: int,
+    names: Sequence[str] | None = None,
+) -> str:
     """Rank the default's candidates on TUNE_SEEDS (never evaluation seeds).
 
-    Every candidate (:data:`DEFAULT_CANDIDATES`) and FedAvg run on all four
-    cells of the quick size at each tuning seed. Rule, fixed before any run:
-    among the candidates whose mean speedup over FedAvg (time to the cell's
-    target, per seed) is >= 3.3 in both straggler cells and > 1 in every cell,
-    pick the one with the largest worst-cell mean gap in best accuracy to
-    FedAvg; with none eligible, the largest worst-cell gap overall.
+    Every candidate (:data:`DEFAULT_CANDIDATES`, or only ``names``) and FedAvg
+    run on all four cells of the quick size at each tuning seed. Rule, fixed
+    before any run: among the candidates whose mean speedup over FedAvg (time
+    to the cell's target, per seed) is >= 3.3 in both straggler cells and > 1
+    in every cell, pick the one with the largest worst-cell mean gap in best
+    accuracy to FedAvg; with none eligible, the largest worst-cell gap overall.
+    ``names`` (a later round, ranked beside the current default re-run in the
+    same invocation) writes its own report, ``..._default_tuning_<digest>``.
     """
+    unknown = [n for n in names or () if n not in DEFAULT_CANDIDATES]
+    if unknown:
+        raise ValueError(
+            f"Unknown candidate {unknown[0]!r}; known: {', '.join(DEFAULT_CANDIDATES)}"
+        )
+    chosen_names = list(names or DEFAULT_CANDIDATES)
     size = Size(**{**SIZES["quick"].__dict__, "seeds": TUNE_SEEDS})
-    methods = [FEDAVG, *(f"candidate: {name}" for name in DEFAULT_CANDIDATES)]
+    methods = [FEDAVG, *(f"candidate: {name}" for name in chosen_names)]
     records = run_all(make_jobs(size, base, out, methods=methods), workers)
     cells = per_seed(records, size)
     rows, scores = [], {}
-    for name in DEFAULT_CANDIDATES:
+    for name in chosen_names:
         method = f"candidate: {name}"
         gaps, speedups, eligible = [], [], True
         for cell in cells.values():
@@ -908,11 +957,18 @@ def tune_default(base: dict[str, Any], out: Path, workers: int) -> str:
             ]
         )
     chosen = max(scores, key=lambda n: (scores[n][0], scores[n][1]))
+    command = (
+        "python benchmarks/benchmark_v2.py --tune-default --data-dir "
+        "../shared/data/mnist"
+    )
+    stem = "benchmark_v2_default_tuning"
+    if names:
+        command += " --candidates " + " ".join(f"'{n}'" for n in names)
+        stem += "_" + hashlib.sha1(" ".join(names).encode()).hexdigest()[:8]
     text = (
         f"# Choosing the default rule (quick size, tuning seeds {list(TUNE_SEEDS)}; "
         "never evaluation seeds)\n\n"
-        "`python benchmarks/benchmark_v2.py --tune-default --data-dir "
-        "../shared/data/mnist`\n\n"
+        f"`{command}`\n\n"
         "Each cell: mean best-accuracy gap to FedAvg / mean speedup to the cell's "
         "target (a seed that misses counts 0). Eligible: speedup >= 3.3 in both "
         "straggler cells and > 1 in every cell. Chosen: the eligible candidate "
@@ -920,10 +976,14 @@ def tune_default(base: dict[str, Any], out: Path, workers: int) -> str:
         + markdown_table(["candidate", *cells.keys(), "worst gap", "eligible"], rows)
         + f"\nChosen: **{chosen}** ({DEFAULT_CANDIDATES[chosen]}).\n"
     )
-    (out.parent / "benchmark_v2_default_tuning.md").write_text(text)
-    (out.parent / "benchmark_v2_default_tuning.json").write_text(
+    (out.parent / f"{stem}.md").write_text(text)
+    (out.parent / f"{stem}.json").write_text(
         json.dumps(
-            {"candidates": DEFAULT_CANDIDATES, "chosen": chosen, "cells": cells},
+            {
+                "candidates": {n: DEFAULT_CANDIDATES[n] for n in chosen_names},
+                "chosen": chosen,
+                "cells": cells,
+            },
             indent=1,
         )
     )
@@ -941,6 +1001,13 @@ def main() -> None:
         "--tune-default",
         action="store_true",
         help="rank the app-default candidates on the tuning seeds",
+    )
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        default=None,
+        help="with --tune-default: rank only these candidates (a later round; "
+        "name the current default among them to re-run it beside them)",
     )
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -963,6 +1030,13 @@ def main() -> None:
         "'candidate: fedbuff K=C'); written to their own files",
     )
     args = parser.parse_args()
+    if args.candidates and not args.tune_default:
+        parser.error("--candidates needs --tune-default")
+    unknown = [n for n in args.candidates or () if n not in DEFAULT_CANDIDATES]
+    if unknown:
+        parser.error(
+            f"unknown candidate {unknown[0]!r}; known: {', '.join(DEFAULT_CANDIDATES)}"
+        )
     size_name = "full" if args.full else "paper" if args.paper else "quick"
     size = SIZES[size_name]
     if args.seeds:
@@ -987,7 +1061,12 @@ def main() -> None:
         return
     if args.tune_default:
         print(
-            tune_default(base, out / "benchmark_v2_default_tuning_runs", args.workers)
+            tune_default(
+                base,
+                out / "benchmark_v2_default_tuning_runs",
+                args.workers,
+                args.candidates,
+            )
         )
         return
     jobs = make_jobs(size, base, work, user)

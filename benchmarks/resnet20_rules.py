@@ -37,7 +37,7 @@ from afl_flwr.experiments.stats import t_interval
 from afl_flwr.results import TEST_ACC, TEST_LOSS
 
 FEDAVG = "fedavg"
-METHODS = (FEDAVG, "fedbuff", "ca2fl", "fadas", "fedasync")
+METHODS = (FEDAVG, "fedbuff", "ca2fl", "fadas", "fedasync", "fedstaleweight", "aced")
 # The bar: each buffered rule within this many points of FedAvg.
 WITHIN_PP = 10.0
 

@@ -1,6 +1,7 @@
 """Aggregation rules tested without the event loop, on mock updates."""
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from afl_flwr.aggregators import (
     aggregation_names,
     make_aggregator,
 )
+from afl_flwr.config import AppConfig
 from afl_flwr.staleness import make_staleness_fn
 from afl_flwr.strategy import StalenessAwareAsyncStrategy
 
@@ -151,6 +153,38 @@ def test_fedasync_mixes_with_a_times_s_tau(tau):
     for name in x:
         expected = (1 - c) * expected_before[name] + c * client[name]
         np.testing.assert_allclose(new[name], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0, 3, 15])
+def test_fedasync_default_polynomial_exponent_is_its_papers_half(tau):
+    # FedAsync's experiments use (1 + tau)^-0.5; the function's own default
+    # (a = 1) still holds for FedBuff, and a value set wins.
+    assert FedAsync().weight(_update(make_params(1), None, tau)) == pytest.approx(
+        0.5 / math.sqrt(1.0 + tau)
+    )
+    assert FedAsync(staleness_a=1.0).weight(
+        _update(make_params(1), None, tau)
+    ) == pytest.approx(0.5 / (1.0 + tau))
+    assert FedBuff().staleness_fn(tau) == pytest.approx(1.0 / (1.0 + tau))
+    assert FedAsync().settings.describe_staleness() == "polynomial(a=0.5)"
+
+
+def test_fedasync_rule_default_applies_to_the_polynomial_only():
+    # Hinge keeps its own a = 10, b = 4; exponential uses no a, so none is bound.
+    hinge = FedAsync(staleness_fn="hinge").staleness_fn
+    assert hinge(4) == 1.0
+    assert hinge(6) == pytest.approx(1.0 / (10.0 * 2 + 1.0))
+    exponential = FedAsync(staleness_fn="exponential").staleness_fn
+    assert exponential(2) == pytest.approx(math.exp(-0.5 * 2))
+
+
+def test_run_config_sentinel_gives_the_rules_default_and_a_value_overrides_it():
+    unset = AppConfig.from_run_config({"aggregation": "fedasync"})
+    assert FedAsync(**unset.strategy_keywords()).staleness_fn(3) == pytest.approx(0.5)
+    set_one = AppConfig.from_run_config({"aggregation": "fedasync", "staleness-a": 1.0})
+    assert FedAsync(**set_one.strategy_keywords()).staleness_fn(3) == pytest.approx(
+        0.25
+    )
 
 
 # ---------------------------------------------------------------- registry

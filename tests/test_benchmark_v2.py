@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from afl_flwr.config import AppConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,27 @@ def test_the_default_row_runs_the_apps_defaults_with_equal_work():
         fedbuff["num-server-rounds"] * k
     )
     assert cfg.eval_every * cfg.effective_buffer_size == fedbuff["eval-every"] * k
+
+
+def test_an_unbuffered_candidate_gets_one_version_per_update():
+    # FedAsync merges every update: the same client work is versions x K
+    # updates of the buffered rules, one version each.
+    bench = _bench()
+    size = bench.SIZES["quick"]
+    updates = size.versions * int(size.base["buffer-size"])
+    jobs = bench.make_jobs(
+        size,
+        {"clock": "virtual"},
+        Path("/tmp/unused"),
+        methods=["candidate: fedasync a=0.5", "FedAsync"],
+    )
+    candidate = next(j for j in jobs if j["method"].startswith("candidate"))
+    reference = next(j for j in jobs if j["method"] == "FedAsync")
+    cfg = AppConfig.from_run_config(candidate["overrides"])
+    assert cfg.aggregation == "fedasync"
+    assert cfg.num_server_rounds == updates
+    assert cfg.num_server_rounds == reference["overrides"]["num-server-rounds"]
+    assert cfg.eval_every == reference["overrides"]["eval-every"]
 
 
 def test_the_json_marks_the_default_method(tmp_path):
@@ -99,3 +122,69 @@ def test_the_default_rows_cache_follows_the_apps_defaults(monkeypatch):
     # methods that spell out their settings keep their cache
     assert not set(before["Default"]) & set(after["Default"])
     assert before["FedBuff"] == after["FedBuff"]
+
+
+def _tuning_records(bench, times_and_accs):
+    """Records of every tuning cell and seed: method -> (sim time, accuracy)."""
+    return [
+        {
+            "alpha": alpha,
+            "scenario": scenario,
+            "method": method,
+            "seed": seed,
+            "evals": [[0, 0.0, 0.1], [10, t, acc]],
+            "rate": 1.0,
+            "rate_bound": 2.0,
+            "mean_staleness": 0.0,
+            "dropped": 0,
+            "wall_s": 1.0,
+        }
+        for alpha in (0.1, 0.5)
+        for scenario in bench.SCENARIOS
+        for seed in bench.TUNE_SEEDS
+        for method, (t, acc) in times_and_accs.items()
+    ]
+
+
+def test_a_later_tuning_round_ranks_only_its_candidates_by_the_fixed_rule(
+    tmp_path, monkeypatch
+):
+    # Prepare: FedAvg reaches its target (0.72) at t = 10; "A" is 1 pp below
+    # FedAvg at 5x, "B" 5 pp below at 10x, so the rule picks A (both eligible)
+    bench = _bench()
+    a, b = "fedbuff K=C/2 a=1", "ca2fl K=C/2 eta=0.3"
+    asked = []
+
+    def fake_run_all(jobs, workers):
+        asked.extend(sorted({j["method"] for j in jobs}))
+        return _tuning_records(
+            bench,
+            {
+                "FedAvg": (10.0, 0.80),
+                f"candidate: {a}": (2.0, 0.79),
+                f"candidate: {b}": (1.0, 0.75),
+            },
+        )
+
+    monkeypatch.setattr(bench, "run_all", fake_run_all)
+    out = tmp_path / "runs"
+
+    # Execute
+    text = bench.tune_default({}, out, workers=1, names=[a, b])
+
+    # Assert: only the named candidates ran, each row as the rule computes it
+    assert asked == sorted(["FedAvg", f"candidate: {a}", f"candidate: {b}"])
+    assert f"| {a} | -1.0 pp / 5.00x" in text
+    assert f"| {b} | -5.0 pp / 10.00x" in text
+    assert f"Chosen: **{a}**" in text
+    assert f"--candidates '{a}' '{b}'" in text
+    [report] = tmp_path.glob("benchmark_v2_default_tuning_*.json")
+    data = json.loads(report.read_text())
+    assert data["chosen"] == a and sorted(data["candidates"]) == sorted([a, b])
+
+
+def test_an_unknown_tuning_candidate_is_refused_before_any_run(monkeypatch):
+    bench = _bench()
+    monkeypatch.setattr(bench, "run_all", lambda *a: pytest.fail("ran"))
+    with pytest.raises(ValueError, match="Unknown candidate 'nope'; known: fedbuff"):
+        bench.tune_default({}, Path("/tmp/unused"), workers=1, names=["nope"])

@@ -397,7 +397,7 @@ def test_registered_and_accepted_by_the_run_config():
         assert AppConfig.from_run_config({"aggregation": name}).aggregation == name
 
 
-@pytest.mark.parametrize("aggregation", ["ca2fl", "fadas", "fedstaleweight"])
+@pytest.mark.parametrize("aggregation", ["ca2fl", "fadas", "fedstaleweight", "aced"])
 def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
     tmp_path, aggregation
 ):
@@ -457,6 +457,16 @@ def test_the_async_loop_runs_each_rule_and_resumes_from_its_checkpoint(
         assert sum(map(len, resumed_history.values())) >= sum(
             map(len, history.values())
         )
+    elif aggregation == "aced":
+        # Every node's latest delta and its base version, as saved; the
+        # resumed rule continues from them.
+        saved = state["aggregator"]
+        assert saved["clients"] == sorted(saved["clients"]) and saved["clients"]
+        assert {f"aced-entry-{c}" for c in saved["clients"]} == set(
+            state["extra_arrays"]
+        )
+        assert max(saved["bases"]) <= 4
+        assert set(second.aggregator.state()[1]["clients"]) >= set(saved["clients"])
     else:
         assert state["aggregator"]["t"] == 4
         assert set(state["extra_arrays"]) == {"fadas-m", "fadas-v", "fadas-vhat"}

@@ -49,6 +49,9 @@ OTHER_VALUES = {
     ("fedstaleweight", "buffer_size"): 3,
     ("fedstaleweight", "server_lr"): 0.5,
     ("fedstaleweight", "window"): 2,
+    ("aced", "buffer_size"): 3,
+    ("aced", "server_lr"): 0.5,
+    ("aced", "max_delay"): 4,
 }
 SETTINGS = sorted(OTHER_VALUES)
 

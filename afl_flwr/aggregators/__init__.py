@@ -4,12 +4,14 @@
 strategy keywords; the aliases ``buffered`` and ``immediate`` name FedBuff and
 FedAsync. Registered: ``fedbuff``, ``fedasync``, ``ca2fl`` (cached update
 calibration), ``fadas`` (AMSGrad server step with a delay-adaptive rate) and
-``fedstaleweight`` (clients reweighted by their average staleness).
+``fedstaleweight`` (clients reweighted by their average staleness) and ``aced``
+(every client's latest update, up to a delay bound).
 """
 
 from collections.abc import Mapping
 from typing import Any
 
+from afl_flwr.aggregators.aced import ACED, ACEDSettings
 from afl_flwr.aggregators.base import (
     AGGREGATORS,
     SHARED_SETTINGS,
@@ -113,11 +115,13 @@ def make_aggregator(
 
 
 __all__ = [
+    "ACED",
     "AGGREGATORS",
     "ALIASES",
     "CA2FL",
     "FADAS",
     "SHARED_SETTINGS",
+    "ACEDSettings",
     "Aggregator",
     "BufferSettings",
     "BufferedAggregator",

@@ -111,7 +111,15 @@ class RuleSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class StalenessSettings(RuleSettings):
-    """The staleness function ``s(tau)`` a rule applies (:mod:`afl_flwr.staleness`)."""
+    """The staleness function ``s(tau)`` a rule applies (:mod:`afl_flwr.staleness`).
+
+    A parameter left unset takes the rule's own default for the function
+    (:attr:`staleness_defaults`), else the function's.
+    """
+
+    # A rule's defaults for a function's parameters where they differ from the
+    # function's own (``{"polynomial": {"a": 0.5}}``); a value set wins.
+    staleness_defaults: ClassVar[Mapping[str, Mapping[str, float]]] = {}
 
     staleness_fn: str | StalenessFn = setting(
         "polynomial",
@@ -119,7 +127,9 @@ class StalenessSettings(RuleSettings):
         "inverse (or, from Python, any callable tau -> s(tau) in [0, 1])",
     )
     staleness_a: float | None = setting(
-        None, "parameter a of the staleness function; unset: the function's default"
+        None,
+        "parameter a of the staleness function; unset: the rule's default for the "
+        "function, else the function's",
     )
     staleness_b: float | None = setting(
         None, "parameter b of the staleness function; unset: the function's default"
@@ -158,17 +168,30 @@ class StalenessSettings(RuleSettings):
             if not value >= 0:
                 raise SettingError(f"staleness_{name}", value, "must be >= 0")
 
+    def staleness_parameters(self) -> tuple[float | None, float | None]:
+        """``(a, b)`` to bind.
+
+        Each is the value set, else the rule's default for the function, else
+        ``None`` (the function's own default).
+        """
+        if callable(self.staleness_fn):
+            return None, None
+        rule = self.staleness_defaults.get(self.staleness_fn, {})
+        a = self.staleness_a if self.staleness_a is not None else rule.get("a")
+        b = self.staleness_b if self.staleness_b is not None else rule.get("b")
+        return a, b
+
     def make_staleness_fn(self) -> StalenessFn:
         """``tau -> s(tau)`` with these parameters."""
         if callable(self.staleness_fn):
             return self.staleness_fn
-        return make_staleness_fn(self.staleness_fn, self.staleness_a, self.staleness_b)
+        return make_staleness_fn(self.staleness_fn, *self.staleness_parameters())
 
     def describe_staleness(self) -> str:
         """``polynomial(a=1.0)``: the function and the parameters in effect."""
         if callable(self.staleness_fn):
             return getattr(self.staleness_fn, "__name__", repr(self.staleness_fn))
-        return describe(self.staleness_fn, self.staleness_a, self.staleness_b)
+        return describe(self.staleness_fn, *self.staleness_parameters())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,6 +219,12 @@ def positive(name: str, value: float) -> None:
     """Raise :class:`SettingError` unless ``value > 0``."""
     if isinstance(value, bool) or not value > 0:
         raise SettingError(name, value, "must be > 0")
+
+
+def integer_at_least(name: str, value: int, low: int) -> None:
+    """Raise :class:`SettingError` unless ``value`` is an integer ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SettingError(name, value, f"must be an integer >= {low}")
 
 
 def setting_keyword(rule: str, name: str) -> str:

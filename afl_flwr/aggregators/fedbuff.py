@@ -5,8 +5,9 @@ AISTATS 2022, Algorithm 1: the server adds each client delta scaled by
 ``s(tau_i)`` to a buffer and, once ``K`` are in, applies ``eta_g`` times their
 average. The average here weighs clients by their example counts (FedAvg's
 ``n_i / sum n``, i.e. ``1/K`` for equal clients), so at zero staleness the merge
-is bit-identical to Flower's FedAvg. The default ``s(tau) = 1/sqrt(1 + tau)`` is
-FLSim's polynomial staleness weight with exponent 0.5.
+is bit-identical to Flower's FedAvg. The default ``s(tau) = 1 / (1 + tau)`` is
+FLSim's polynomial staleness weight with exponent 1 (chosen by the default
+tuning; FLSim's and the paper's ``1/sqrt(1 + tau)`` is exponent 0.5).
 
 ``server_momentum`` (``beta``, default 0) turns the server step into SGD with
 heavy-ball momentum on the merged delta. The paper leaves the server optimiser
@@ -42,6 +43,7 @@ from afl_flwr.aggregators.base import (
     StalenessSettings,
     Update,
     bases_of,
+    integer_at_least,
     positive,
 )
 from afl_flwr.settings import SettingError, setting
@@ -73,9 +75,7 @@ class FedBuffSettings(StalenessSettings, BufferSettings):
         beta = self.server_momentum
         if isinstance(beta, bool) or not 0.0 <= beta < 1.0:
             raise SettingError("server_momentum", beta, "must be in [0, 1)")
-        warmup = self.server_lr_warmup
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise SettingError("server_lr_warmup", warmup, "must be an integer >= 0")
+        integer_at_least("server_lr_warmup", self.server_lr_warmup, 0)
 
 
 @AGGREGATORS.register("fedbuff")

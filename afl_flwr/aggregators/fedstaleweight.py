@@ -50,9 +50,10 @@ from afl_flwr.aggregators.base import (
     BufferSettings,
     Update,
     bases_of,
+    integer_at_least,
     positive,
 )
-from afl_flwr.settings import SettingError, setting
+from afl_flwr.settings import setting
 
 
 def average_staleness(history: Sequence[int]) -> float:
@@ -88,9 +89,7 @@ class FedStaleWeightSettings(BufferSettings):
         """``eta_g > 0``, ``W >= 1``, plus the buffer check."""
         super().validate()
         positive("server_lr", self.server_lr)
-        window = self.window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise SettingError("window", window, "must be an integer >= 1")
+        integer_at_least("window", self.window, 1)
 
 
 @AGGREGATORS.register("fedstaleweight")
