@@ -127,6 +127,22 @@ def test_each_setting_reaches_the_rule_as_a_run_config_key(rule, name):
         ("ca2fl", "staleness-fn", "inverse", "staleness-fn='inverse' has no effect"),
         ("fedbuff", "mixing-rate", 0.3, "mixing-rate=0.3 has no effect"),
         ("fadas", "fadas-tau-c", 1.5, "fadas-tau-c=1.5 must be an integer"),
+        ("aced", "aced-max-delay", -1, "aced-max-delay=-1 must be an integer >= 0"),
+        ("aced", "aced-max-delay", 2.5, "aced-max-delay=2.5 must be an integer"),
+        ("aced", "server-lr", -0.1, "server-lr=-0.1 must be >= 0"),
+        (
+            "fedstaleweight",
+            "fedstaleweight-window",
+            0,
+            "fedstaleweight-window=0 must be an integer >= 1",
+        ),
+        (
+            "fedbuff",
+            "fedbuff-server-lr-warmup",
+            -2,
+            "fedbuff-server-lr-warmup=-2 must be an integer >= 0",
+        ),
+        ("fedasync", "staleness-a", -0.5, "staleness-a=-0.5 must be >= 0"),
     ],
 )
 def test_a_bad_run_config_value_is_refused_naming_the_key(rule, key, value, fragment):
